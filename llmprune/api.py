@@ -1,0 +1,76 @@
+"""The Python API for people with their own training loop (ModelOpt-like)."""
+
+from __future__ import annotations
+
+import torch
+
+from llmprune.adapters import get_adapter
+from llmprune.baselines import baseline_scores
+from llmprune.config import ConfigError
+from llmprune.data import as_batches
+from llmprune.depth import removal_scores
+from llmprune.importance import activation_scores
+from llmprune.plan import PruningPlan, make_plan, resolve_targets
+
+
+def compute_scores(model, calib_data, tokenizer=None, *, export_config: dict | None = None,
+                   importance: str = "activation", depth_method: str = "drop_one", depth_metric: str = "lm_loss",
+                   depth_samples: int = 8, seq_len: int = 256, batch_size: int = 4,
+                   seed: int = 0) -> dict[str, torch.Tensor]:
+    """Importance scores for `model` (forward passes only for 'activation'); pass them to `prune(scores=...)`.
+
+    Depth removal scores are computed only when `export_config` removes layers with drop_one / contiguous.
+    """
+    adapter = get_adapter(model)
+    batches = as_batches(calib_data, tokenizer, seq_len, batch_size)
+    if importance == "activation":
+        scores = activation_scores(model, adapter, batches, total=len(batches))
+    else:
+        scores = baseline_scores(importance, model, adapter, batches, seed)
+    dims = adapter.dims()
+    target = resolve_targets(dims, {k: v for k, v in (export_config or {}).items() if v is not None}, prefix="")
+    drop = dims["num_layers"] - target["num_layers"]
+    if drop and depth_method in ("drop_one", "contiguous"):
+        depth_batches = as_batches(torch.cat([b.input_ids for b in batches])[:depth_samples], None, seq_len,
+                                   batch_size)
+        scores.update(removal_scores(model, adapter, depth_batches, depth_metric, drop_one=depth_method == "drop_one",
+                                     block_sizes=(drop,) if depth_method == "contiguous" else ()))
+    return scores
+
+
+def prune(model, mode: str = "minitron", export_config: dict | None = None, calib_data=None, tokenizer=None, *,
+          scores: dict[str, torch.Tensor] | None = None, importance: str = "activation",
+          depth_method: str = "drop_one", depth_metric: str = "lm_loss", depth_samples: int = 8,
+          seq_len: int = 256, batch_size: int = 4, rescale_norms: bool = False,
+          seed: int = 0) -> tuple[torch.nn.Module, PruningPlan]:
+    """Prune a Hugging Face causal LM in place with Minitron and return it with its plan.
+
+    Args:
+        model: a loaded llama / mistral / qwen2 / qwen3 causal LM.
+        mode: "minitron".
+        export_config: targets by ModelOpt name, e.g. {"hidden_size": 448, "ffn_hidden_size": 1024}.
+        calib_data: LongTensor (N, S) of token ids, a list of strings (with `tokenizer`), or an iterable of
+            {"input_ids", "attention_mask"} batches. Not needed when `scores` is given.
+        scores: scores from `compute_scores` (skips calibration).
+        importance / depth_method / depth_metric / depth_samples / rescale_norms: see the recipe keys
+            prune.importance, prune.depth.*, prune.rescale_norms.
+
+    Returns:
+        (the pruned model, the PruningPlan). `plan.to_json()` is what the CLI writes as plan.json.
+    """
+    if mode != "minitron":
+        raise ConfigError(f"Unknown mode '{mode}'. Known: minitron.")
+    if not export_config:
+        raise ConfigError("export_config is empty: pass targets such as {'hidden_size': 448}. Known keys: "
+                          "hidden_size, ffn_hidden_size, num_attention_heads, num_query_groups, num_layers.")
+    adapter = get_adapter(model)
+    resolve_targets(adapter.dims(), export_config, prefix="export_config.")  # fail before calibrating
+    if scores is None:
+        if calib_data is None:
+            raise ConfigError("prune() needs calib_data (or scores from compute_scores).")
+        scores = compute_scores(model, calib_data, tokenizer, export_config=export_config, importance=importance,
+                                depth_method=depth_method, depth_metric=depth_metric, depth_samples=depth_samples,
+                                seq_len=seq_len, batch_size=batch_size, seed=seed)
+    plan = make_plan(adapter.family, scores, adapter.dims(), export_config, depth_method, depth_metric, rescale_norms)
+    adapter.apply(plan)
+    return model, plan

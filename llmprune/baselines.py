@@ -1,0 +1,79 @@
+"""Simple channel rankings to compare Minitron against, in the same named-score format.
+
+magnitude: L2 norm of the weights a unit owns (rows it writes, columns it reads).
+taylor: first-order Taylor importance |sum over a unit's weights of w * dLoss/dw|, summed over batches
+    (Molchanov et al., arXiv:1906.10771), from the LM loss on the calibration batches.
+random: uniform random scores (seeded).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmprune.distributed import all_reduce_sum
+from llmprune.progress import progress
+
+
+def _unit_reduce(module: nn.Module, side: str, values: torch.Tensor) -> torch.Tensor:
+    """Per-unit sums over a weight-shaped tensor: rows for 'out', columns for 'in' / 'emb'."""
+    return values.sum(dim=1) if side == "out" else values.sum(dim=0)
+
+
+def _scores_from(adapter, per_weight) -> dict[str, torch.Tensor]:
+    raw = {}
+    for name, owners in adapter.prunable_weights().items():
+        total = None
+        for module, side in owners:
+            value = _unit_reduce(module, side, per_weight(module)).float().cpu()
+            total = value if total is None else total + value
+        raw[name] = total
+    # `hidden` is already the global channel score; derive_scores also adds heads.{i}
+    hidden = raw.pop("hidden")
+    scores = adapter.derive_scores(raw)
+    scores["hidden"] = hidden
+    return scores
+
+
+def magnitude_scores(adapter) -> dict[str, torch.Tensor]:
+    return {k: v.sqrt() for k, v in _scores_from(adapter, lambda m: m.weight.detach().float().square()).items()}
+
+
+def taylor_scores(model, adapter, batches) -> dict[str, torch.Tensor]:
+    groups = adapter.prunable_weights()
+    totals: dict[str, torch.Tensor] = {}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    for batch in progress(batches, desc="taylor"):
+        model.zero_grad(set_to_none=True)
+        ids = batch.input_ids.to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        F.cross_entropy(logits.transpose(1, 2), ids[:, 1:]).backward()
+        with torch.no_grad():
+            for name, owners in groups.items():
+                unit = sum(_unit_reduce(m, side, m.weight.float() * m.weight.grad.float()) for m, side in owners)
+                totals[name] = totals.get(name, 0) + unit.abs()  # |first-order loss change| per unit and batch
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    raw = {name: all_reduce_sum(value).cpu() for name, value in totals.items()}
+    hidden = raw.pop("hidden")
+    scores = adapter.derive_scores(raw)
+    scores["hidden"] = hidden
+    return scores
+
+
+def random_scores(adapter, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return _scores_from(adapter, lambda m: torch.rand(m.weight.shape, generator=gen))
+
+
+def baseline_scores(method: str, model, adapter, batches, seed: int = 0) -> dict[str, torch.Tensor]:
+    if method == "magnitude":
+        return magnitude_scores(adapter)
+    if method == "taylor":
+        return taylor_scores(model, adapter, batches)
+    if method == "random":
+        return random_scores(adapter, seed)
+    raise ValueError(f"Unknown prune.importance '{method}'. Known: activation, magnitude, taylor, random.")

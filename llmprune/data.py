@@ -1,0 +1,155 @@
+"""Text for calibration and held-out evaluation: sources, tokenization, packing and the held-out split.
+
+Documents are tokenized, joined with EOS into one stream and cut into packed samples of `seq_len` tokens,
+so no padding is needed. The stream's tail (`eval_fraction`) is the held-out region: calibration (and later
+distillation) draws only from the head, evaluation only from the tail.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmprune.config import ConfigError
+
+
+@dataclass
+class Batch:
+    """input_ids (B, S); attention_mask (B, S) with 0 on padding, or None when every token is real."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+
+
+@dataclass
+class TextSplits:
+    calib: torch.Tensor  # (N, S) packed calibration samples
+    heldout: torch.Tensor  # (M, S) packed held-out samples, disjoint from calib
+    stream_tokens: int
+    calib_region_tokens: int
+
+
+def embedded_documents() -> list[str]:
+    """Python's pydoc topics (ships with CPython, about 100K tokens), in a fixed order."""
+    from pydoc_data.topics import topics
+
+    return [topics[key] for key in sorted(topics)]
+
+
+def _read_file(path: Path, text_field: str) -> list[str]:
+    if path.suffix == ".jsonl":
+        docs = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if text_field not in row:
+                raise ConfigError(f"{path}:{n} has no key '{text_field}'; set data.text_field=<key> "
+                                  f"(keys here: {', '.join(row)}).")
+            docs.append(str(row[text_field]))
+        return docs
+    return [path.read_text(encoding="utf-8")]
+
+
+def load_documents(source: str, paths=(), dataset: str | None = None, dataset_config: str | None = None,
+                   split: str = "train", text_field: str = "text", max_documents: int = 20000) -> list[str]:
+    """Documents from `source`: embedded | files | hf (see DataConfig)."""
+    if source == "embedded":
+        return embedded_documents()
+    if source == "files":
+        docs = []
+        for p in paths:
+            path = Path(p)
+            if not path.exists():
+                raise ConfigError(f"data.paths: '{p}' does not exist.")
+            files = sorted(f for f in path.rglob("*") if f.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
+            for f in files:
+                docs += _read_file(f, text_field)
+        return docs
+    if source == "hf":
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(dataset, dataset_config, split=split, streaming=True)
+        except Exception as err:  # network, missing name, missing cache: say which key to change
+            raise ConfigError(f"data.dataset='{dataset}' could not be loaded ({type(err).__name__}: {err}). "
+                              "Without network use data.source=files data.paths=[...] or data.source=embedded.") from err
+        docs = []
+        for row in ds:
+            if text_field not in row:
+                raise ConfigError(f"data.text_field='{text_field}' is not a column of {dataset}: {', '.join(row)}.")
+            docs.append(row[text_field])
+            if len(docs) >= max_documents:
+                break
+        return docs
+    raise ConfigError(f"Unknown data.source '{source}'. Known: embedded, files, hf.")
+
+
+def token_stream(docs: list[str], tokenizer) -> torch.Tensor:
+    """All documents tokenized and joined by EOS into one 1-D LongTensor."""
+    sep = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc in docs:
+        if doc.strip():
+            ids += tokenizer(doc, add_special_tokens=False)["input_ids"]
+            if sep is not None:
+                ids.append(sep)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def split_stream(stream: torch.Tensor, seq_len: int, num_samples: int, eval_samples: int, eval_fraction: float,
+                 seed: int = 0) -> TextSplits:
+    """Packed calibration samples (random windows of the head) and held-out samples (the tail)."""
+    cut = int(len(stream) * (1 - eval_fraction))
+    head, tail = stream[:cut], stream[cut:]
+    n_head, n_tail = len(head) // seq_len, len(tail) // seq_len
+    if n_head < num_samples:
+        raise ConfigError(f"data.num_samples={num_samples} needs {num_samples * seq_len} calibration tokens but the "
+                          f"text gives {len(head)} (seq_len={seq_len}); lower data.num_samples or data.seq_len, "
+                          "or add text.")
+    if n_tail < 1:
+        raise ConfigError(f"The held-out tail has {len(tail)} tokens, less than data.seq_len={seq_len}; raise "
+                          "data.eval_fraction or add text.")
+    windows = head[: n_head * seq_len].view(n_head, seq_len)
+    order = torch.randperm(n_head, generator=torch.Generator().manual_seed(seed))[:num_samples]
+    heldout = tail[: n_tail * seq_len].view(n_tail, seq_len)[:eval_samples]
+    return TextSplits(calib=windows[order.sort().values], heldout=heldout, stream_tokens=len(stream),
+                      calib_region_tokens=cut)
+
+
+def to_batches(ids: torch.Tensor, batch_size: int, attention_mask: torch.Tensor | None = None) -> list[Batch]:
+    return [Batch(ids[i: i + batch_size], None if attention_mask is None else attention_mask[i: i + batch_size])
+            for i in range(0, len(ids), batch_size)]
+
+
+def as_batches(calib_data, tokenizer=None, seq_len: int = 256, batch_size: int = 4) -> list[Batch]:
+    """Normalize the Python API's `calib_data` into batches.
+
+    Accepts a LongTensor (N, S) of token ids; a list of strings (needs `tokenizer`; packed into seq_len windows);
+    or an iterable of dicts / Batch objects with `input_ids` and optional `attention_mask`.
+    """
+    if isinstance(calib_data, torch.Tensor):
+        if calib_data.dim() != 2:
+            raise ValueError(f"calib_data tensor must be (num_samples, seq_len) token ids, got {tuple(calib_data.shape)}")
+        return to_batches(calib_data.long(), batch_size)
+    items = list(calib_data)
+    if items and isinstance(items[0], str):
+        if tokenizer is None:
+            raise ValueError("calib_data is a list of strings: pass tokenizer=... to prune().")
+        stream = token_stream(items, tokenizer)
+        n = len(stream) // seq_len
+        if n == 0:
+            raise ValueError(f"calib_data has {len(stream)} tokens, fewer than seq_len={seq_len}.")
+        return to_batches(stream[: n * seq_len].view(n, seq_len), batch_size)
+    out = []
+    for item in items:
+        if isinstance(item, Batch):
+            out.append(item)
+        else:
+            out.append(Batch(item["input_ids"], item.get("attention_mask")))
+    if not out:
+        raise ValueError("calib_data is empty.")
+    return out

@@ -1,0 +1,104 @@
+"""Depth importance by removal: how much the LM loss (or KL to the full model) rises without some layers.
+
+A straightforward search re-runs the whole model once per candidate. Here one forward pass records every
+layer's input and the keyword arguments the backbone hands its layers (masks, rotary embeddings); a candidate
+that removes layers [s, s + k) then restarts from layer s's recorded input and runs only layers s + k onward,
+and all candidates of a batch share that one recording. Minitron (arXiv:2408.11796 Sec. 3) compares drop-one
+LM loss with contiguous-block removal; both come from this pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from llmprune.data import Batch
+from llmprune.distributed import all_reduce_sum
+from llmprune.progress import progress
+
+
+def _token_losses(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None, metric: str,
+                  teacher_logprobs: torch.Tensor | None) -> torch.Tensor:
+    """Summed next-token loss (lm_loss) or summed KL(teacher || model) over real tokens, float32 scalar."""
+    logits = logits[:, :-1].float()  # (B, S-1, V)
+    valid = torch.ones_like(input_ids[:, 1:], dtype=torch.float32) if mask is None else mask[:, 1:].float()
+    if metric == "lm_loss":
+        nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")  # (B, S-1)
+        return (nll * valid).sum()
+    logprobs = F.log_softmax(logits, dim=-1)
+    kl = (teacher_logprobs.exp() * (teacher_logprobs - logprobs)).sum(-1)  # (B, S-1)
+    return (kl * valid).sum()
+
+
+@torch.no_grad()
+def removal_scores(model, adapter, batches: Iterable[Batch], metric: str = "lm_loss", drop_one: bool = True,
+                   block_sizes: tuple[int, ...] = (), total: int | None = None) -> dict[str, torch.Tensor]:
+    """Loss increase per candidate removal, averaged over real tokens.
+
+    Returns:
+        `depth.drop_one.{metric}` (layers,) when drop_one, and `depth.contiguous.{metric}.n{k}` (layers - k + 1,)
+        for each k in block_sizes; entry s of the latter removes layers s .. s + k - 1.
+    """
+    layers = adapter.layers
+    num_layers = len(layers)
+    device = next(model.parameters()).device
+    candidates = [(i, 1) for i in range(num_layers)] if drop_one else []
+    candidates += [(s, k) for k in block_sizes for s in range(num_layers - k + 1)]
+    sums = torch.zeros(len(candidates), dtype=torch.float32, device=device)
+    base_sum = torch.zeros((), dtype=torch.float32, device=device)
+    tokens = torch.zeros((), dtype=torch.float32, device=device)
+    recorded: dict = {}
+    recording = [True]  # off while candidates re-run layers, so their inputs do not overwrite the recording
+
+    def record_input(i):
+        def fn(mod, args, kwargs):
+            if not recording[0]:
+                return
+            recorded[i] = args[0] if args else kwargs["hidden_states"]
+            if i == 0:
+                recorded["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        return fn
+
+    handles = [layer.register_forward_pre_hook(record_input(i), with_kwargs=True) for i, layer in enumerate(layers)]
+
+    def record_output(mod, args, out):
+        if recording[0]:
+            recorded[num_layers] = out[0] if isinstance(out, tuple) else out
+
+    handles.append(layers[-1].register_forward_hook(record_output))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in progress(batches, total=total, desc=f"depth ({len(candidates)} candidates)"):
+            input_ids = batch.input_ids.to(device)
+            mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
+            recording[0] = True
+            adapter.backbone(input_ids=input_ids, attention_mask=mask, use_cache=False)
+            recording[0] = False
+            base_logits = adapter.logits(recorded[num_layers])
+            teacher = F.log_softmax(base_logits[:, :-1].float(), dim=-1) if metric == "kl" else None
+            base_sum += _token_losses(base_logits, input_ids, mask, metric, teacher)
+            tokens += input_ids[:, 1:].numel() if mask is None else mask[:, 1:].sum()
+            for c, (start, size) in enumerate(candidates):
+                hidden = recorded[start]
+                for j in range(start + size, num_layers):
+                    out = layers[j](hidden, **recorded["kwargs"])
+                    hidden = out[0] if isinstance(out, tuple) else out
+                sums[c] += _token_losses(adapter.logits(hidden), input_ids, mask, metric, teacher)
+            recorded.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    tokens = all_reduce_sum(tokens)
+    increase = ((all_reduce_sum(sums) - all_reduce_sum(base_sum)) / tokens).cpu()
+    out, offset = {}, 0
+    if drop_one:
+        out[f"depth.drop_one.{metric}"] = increase[:num_layers]
+        offset = num_layers
+    for k in block_sizes:
+        out[f"depth.contiguous.{metric}.n{k}"] = increase[offset: offset + num_layers - k + 1]
+        offset += num_layers - k + 1
+    return out

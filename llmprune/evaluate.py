@@ -1,0 +1,45 @@
+"""Held-out perplexity and KL(teacher || student) per token."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from llmprune.data import Batch
+from llmprune.distributed import all_reduce_sum
+from llmprune.progress import progress
+
+
+@torch.no_grad()
+def evaluate(model, batches: Iterable[Batch], teacher=None, desc: str = "evaluate") -> dict[str, float]:
+    """Token-mean next-token loss, its perplexity, and (with a teacher) the mean KL(teacher || model) in nats.
+
+    Padding (attention_mask 0) never counts; sums are all-reduced across ranks.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, kl, tokens
+    for batch in progress(batches, desc=desc):
+        ids = batch.input_ids.to(device)
+        mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()  # (B, S-1, V)
+        valid = torch.ones_like(ids[:, 1:], dtype=torch.float32) if mask is None else mask[:, 1:].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, S-1)
+        totals[0] += (nll * valid).sum().double()
+        totals[2] += valid.sum().double()
+        if teacher is not None:
+            t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            t_logprobs = F.log_softmax(t_logits, dim=-1)
+            kl = (t_logprobs.exp() * (t_logprobs - F.log_softmax(logits, dim=-1))).sum(-1)  # (B, S-1)
+            totals[1] += (kl * valid).sum().double()
+    model.train(was_training)
+    nll, kl, tokens = all_reduce_sum(totals).tolist()
+    loss = nll / tokens
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens)}
+    if teacher is not None:
+        result["kl_to_teacher"] = kl / tokens
+    return result

@@ -1,0 +1,96 @@
+"""Export a pruned model as a Hugging Face directory that stock transformers loads (no remote code).
+
+Written atomically: everything goes to a temporary sibling directory that replaces the target in one rename.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from llmprune.config import ConfigError
+
+
+def _config_accepts(config) -> str | None:
+    """None if the config class re-validates this config (as from_pretrained will), else the reason."""
+    try:
+        type(config).from_dict(config.to_dict())
+    except Exception as err:  # transformers raises several validation error types
+        return str(err).strip().splitlines()[-1].strip()
+    return None
+
+
+def exportable_model(model, adapter, architecture: str = "auto"):
+    """The model to save and a note on which architecture is written and why.
+
+    When the model's own config class rejects the pruned shape (LlamaConfig wants hidden % heads == 0 even with
+    an explicit head_dim) and `architecture` is 'auto', the weights move into the adapter's architecture-identical
+    stock class. Raises ConfigError when no stock config can express the shape.
+    """
+    reason = _config_accepts(model.config)
+    if reason is None:
+        return model, f"{type(model).__name__} (the model's own architecture)"
+    alternative = adapter.stock_alternative() if architecture == "auto" else None
+    if alternative is None:
+        hint = "" if architecture == "auto" else " Set export.architecture=auto to allow an equivalent stock class."
+        raise ConfigError(f"{type(model.config).__name__} rejects the pruned shape ({reason}) and no stock "
+                          f"architecture can express it; choose targets this config accepts (for example make "
+                          f"prune.export_config.hidden_size a multiple of num_attention_heads).{hint}")
+    config, model_cls = alternative
+    with torch.device("meta"):
+        converted = model_cls(config)
+    converted.load_state_dict(model.state_dict(), strict=True, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        converted.get_output_embeddings().weight = converted.get_input_embeddings().weight
+    converted.generation_config = model.generation_config
+    converted.eval()
+    return converted, (f"{model_cls.__name__} (architecture-identical to {type(model).__name__}, whose config "
+                       f"rejects this shape: {reason})")
+
+
+def atomic_directory(target: Path, write) -> None:
+    """Call write(tmp_dir) and move tmp_dir to `target` in one rename, replacing an older `target`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the export is meant to be shared
+    try:
+        write(tmp)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_hf(model, tokenizer, out_dir: Path, extra_files: dict[str, str] | None = None) -> None:
+    """save_pretrained (safetensors, config, generation config) + tokenizer + extra text files, atomically."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+
+    atomic_directory(out_dir, write)
+
+
+@torch.no_grad()
+def verify_export(out_dir: Path, reference, input_ids: torch.Tensor) -> dict:
+    """Reload `out_dir` with stock AutoModelForCausalLM and compare its logits with `reference`'s."""
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=reference.dtype).to(input_ids.device).eval()
+    expected = reference(input_ids=input_ids, use_cache=False).logits.float()
+    got = reloaded(input_ids=input_ids, use_cache=False).logits.float()
+    return {"reloaded_class": type(reloaded).__name__, "max_abs_logit_diff": float((got - expected).abs().max())}

