@@ -7,7 +7,7 @@ import torch
 from llmprune.adapters import get_adapter
 from llmprune.baselines import baseline_scores
 from llmprune.config import ConfigError
-from llmprune.data import as_batches
+from llmprune.data import as_batches, to_batches
 from llmprune.depth import removal_scores
 from llmprune.importance import activation_scores
 from llmprune.plan import PruningPlan, make_plan, resolve_targets
@@ -31,8 +31,12 @@ def compute_scores(model, calib_data, tokenizer=None, *, export_config: dict | N
     target = resolve_targets(dims, {k: v for k, v in (export_config or {}).items() if v is not None}, prefix="")
     drop = dims["num_layers"] - target["num_layers"]
     if drop and depth_method in ("drop_one", "contiguous"):
-        depth_batches = as_batches(torch.cat([b.input_ids for b in batches])[:depth_samples], None, seq_len,
-                                   batch_size)
+        ids = torch.cat([b.input_ids for b in batches])[:depth_samples]
+        masks = None  # keep the padding masks: padding must not enter the depth scores either
+        if any(b.attention_mask is not None for b in batches):
+            masks = torch.cat([torch.ones_like(b.input_ids) if b.attention_mask is None else b.attention_mask
+                               for b in batches])[:depth_samples]
+        depth_batches = to_batches(ids, batch_size, masks)
         scores.update(removal_scores(model, adapter, depth_batches, depth_metric, drop_one=depth_method == "drop_one",
                                      block_sizes=(drop,) if depth_method == "contiguous" else ()))
     return scores

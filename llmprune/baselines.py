@@ -21,14 +21,15 @@ def _unit_reduce(module: nn.Module, side: str, values: torch.Tensor) -> torch.Te
     return values.sum(dim=1) if side == "out" else values.sum(dim=0)
 
 
-def _scores_from(adapter, per_weight) -> dict[str, torch.Tensor]:
+def _scores_from(adapter, per_weight, per_channel=None) -> dict[str, torch.Tensor]:
+    """Per-unit sums of `per_weight`, then `per_channel` on each channel's total (before heads are derived)."""
     raw = {}
     for name, owners in adapter.prunable_weights().items():
         total = None
         for module, side in owners:
             value = _unit_reduce(module, side, per_weight(module)).float().cpu()
             total = value if total is None else total + value
-        raw[name] = total
+        raw[name] = total if per_channel is None else per_channel(total)
     # `hidden` is already the global channel score; derive_scores also adds heads.{i}
     hidden = raw.pop("hidden")
     scores = adapter.derive_scores(raw)
@@ -37,7 +38,8 @@ def _scores_from(adapter, per_weight) -> dict[str, torch.Tensor]:
 
 
 def magnitude_scores(adapter) -> dict[str, torch.Tensor]:
-    return {k: v.sqrt() for k, v in _scores_from(adapter, lambda m: m.weight.detach().float().square()).items()}
+    # sqrt per channel first: a head's score (L2 over its channels) is then the norm of all weights it owns
+    return _scores_from(adapter, lambda m: m.weight.detach().float().square(), torch.sqrt)
 
 
 def taylor_scores(model, adapter, batches) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ and raises one error that lists every problem with the key and the fix.
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -15,6 +16,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 DEFAULT_RECIPE = "smollm2_minitron"
@@ -226,12 +228,47 @@ def load_config(recipe: str = DEFAULT_RECIPE, overrides: list[str] | tuple[str, 
             raise ConfigError(f"Unknown recipe '{recipe}'. Known: {', '.join(list_recipes())} (or a path to a .yaml).")
         config_dir, name = recipes_dir(), recipe
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-        cfg = compose(config_name=name, overrides=[*overrides, f"hydra.searchpath=[file://{conf_dir()}]"])
-    cfg = OmegaConf.merge(OmegaConf.structured(LLMPruneConfig), cfg)
+    schema = OmegaConf.structured(LLMPruneConfig)
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            cfg = compose(config_name=name, overrides=[*overrides, f"hydra.searchpath=[file://{conf_dir()}]"])
+    except HydraException as err:  # name the key and the known ones instead of Hydra's "use +key" advice
+        problems = [p for o in overrides for p in _unknown_keys(_override_as_dict(o), schema)]
+        cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
+        raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems or [f"{err}{cause}"])) from err
+    problems = _unknown_keys(cfg, schema)  # `+key=value` adds keys past the schema's struct check
+    if problems:
+        raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+    cfg = OmegaConf.merge(schema, cfg)
     cfg.recipe = name
     validate(cfg)
     return cfg
+
+
+def _override_as_dict(override: str) -> dict:
+    """`+a.b.c=1` -> {'a': {'b': {'c': None}}} (only the key path matters); hydra.* and ~deletions -> {}."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    if not key or key.startswith("hydra.") or override.startswith("~"):
+        return {}
+    node: dict = {}
+    for part in reversed(key.split(".")):
+        node = {part: node or None}
+    return node
+
+
+def _unknown_keys(cfg, schema: DictConfig, prefix: str = "") -> list[str]:
+    """Keys of `cfg` (a DictConfig or dict) that the schema lacks, each with the keys it could have meant."""
+    problems = []
+    for key in cfg.keys():
+        if key not in schema:
+            known = [str(k) for k in schema.keys()]
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {prefix}{close[0]}? " if close else ""
+            problems.append(f"unknown key '{prefix}{key}': {hint}Keys of {prefix.rstrip('.') or 'the top level'}: "
+                            f"{', '.join(known)} (see python -m llmprune --help).")
+        elif OmegaConf.is_dict(schema[key]) and (OmegaConf.is_dict(cfg[key]) or isinstance(cfg[key], dict)):
+            problems += _unknown_keys(cfg[key], schema[key], f"{prefix}{key}.")
+    return problems
 
 
 def validate(cfg: DictConfig) -> None:

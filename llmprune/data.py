@@ -75,8 +75,8 @@ def load_documents(source: str, paths=(), dataset: str | None = None, dataset_co
         try:
             ds = datasets.load_dataset(dataset, dataset_config, split=split, streaming=True)
         except Exception as err:  # network, missing name, missing cache: say which key to change
-            raise ConfigError(f"data.dataset='{dataset}' could not be loaded ({type(err).__name__}: {err}). "
-                              "Without network use data.source=files data.paths=[...] or data.source=embedded.") from err
+            raise ConfigError(f"data.dataset='{dataset}' could not be loaded ({type(err).__name__}: {err}). Without "
+                              "network use data.source=files data.paths=[...] or data.source=embedded.") from err
         docs = []
         for row in ds:
             if text_field not in row:
@@ -133,7 +133,7 @@ def as_batches(calib_data, tokenizer=None, seq_len: int = 256, batch_size: int =
     """
     if isinstance(calib_data, torch.Tensor):
         if calib_data.dim() != 2:
-            raise ValueError(f"calib_data tensor must be (num_samples, seq_len) token ids, got {tuple(calib_data.shape)}")
+            raise ValueError(f"calib_data must be (num_samples, seq_len) token ids, got {tuple(calib_data.shape)}")
         return to_batches(calib_data.long(), batch_size)
     items = list(calib_data)
     if items and isinstance(items[0], str):

@@ -1,7 +1,7 @@
 """Depth importance by removal: how much the LM loss (or KL to the full model) rises without some layers.
 
 A straightforward search re-runs the whole model once per candidate. Here one forward pass records every
-layer's input and the keyword arguments the backbone hands its layers (masks, rotary embeddings); a candidate
+layer's input and the keyword arguments the backbone hands each layer (masks, rotary embeddings); a candidate
 that removes layers [s, s + k) then restarts from layer s's recorded input and runs only layers s + k onward,
 and all candidates of a batch share that one recording. Minitron (arXiv:2408.11796 Sec. 3) compares drop-one
 LM loss with contiguous-block removal; both come from this pass.
@@ -57,8 +57,8 @@ def removal_scores(model, adapter, batches: Iterable[Batch], metric: str = "lm_l
             if not recording[0]:
                 return
             recorded[i] = args[0] if args else kwargs["hidden_states"]
-            if i == 0:
-                recorded["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            # per layer: hybrids hand each layer type its own mask
+            recorded[("kwargs", i)] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         return fn
 
     handles = [layer.register_forward_pre_hook(record_input(i), with_kwargs=True) for i, layer in enumerate(layers)]
@@ -84,7 +84,7 @@ def removal_scores(model, adapter, batches: Iterable[Batch], metric: str = "lm_l
             for c, (start, size) in enumerate(candidates):
                 hidden = recorded[start]
                 for j in range(start + size, num_layers):
-                    out = layers[j](hidden, **recorded["kwargs"])
+                    out = layers[j](hidden, **recorded[("kwargs", j)])
                     hidden = out[0] if isinstance(out, tuple) else out
                 sums[c] += _token_losses(adapter.logits(hidden), input_ids, mask, metric, teacher)
             recorded.clear()

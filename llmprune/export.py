@@ -81,6 +81,9 @@ def save_hf(model, tokenizer, out_dir: Path, extra_files: dict[str, str] | None 
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
+        for path in tmp.rglob("*"):  # safetensors writes its files 0600; the export is meant to be shared
+            if path.is_file():
+                path.chmod(0o644)
 
     atomic_directory(out_dir, write)
 

@@ -54,12 +54,16 @@ def resolve_source(path: str, gguf_file: str | None = None) -> ModelSource:
             if len(ggufs) == 1:
                 gguf_file = ggufs[0]
             elif ggufs:
-                raise ConfigError(f"model.path='{path}' holds several GGUF files; choose one with model.gguf_file=<name>"
-                                  f" ({', '.join(ggufs)}).")
+                raise ConfigError(f"model.path='{path}' holds several GGUF files; choose one with "
+                                  f"model.gguf_file=<name> ({', '.join(ggufs)}).")
             else:
                 raise ConfigError(f"model.path='{path}' has no config.json and no .gguf file; point it at a Hugging "
                                   "Face model directory or a GGUF file.")
         return ModelSource(str(local), gguf_file, str(local))
+    if local.is_absolute() or path.startswith((".", "~")) or path.endswith(".gguf") or path.count("/") > 1:
+        # a Hub id is 'name' or 'org/name': anything else was meant as a local path
+        raise ConfigError(f"model.path='{path}' does not exist; pass an existing Hugging Face model directory, a .gguf "
+                          "file, a Hub id (org/name) or embedded:smollm2.")
     return ModelSource(path, gguf_file, f"{path} (Hugging Face Hub)")
 
 
@@ -99,7 +103,8 @@ def load_model(path: str, gguf_file: str | None = None, dtype: str = "float32", 
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **kwargs)
     except OSError as err:
         raise ConfigError(f"model.path='{path}' could not be loaded: {err}\nOffline machines cannot reach the Hub: "
-                          "download the model elsewhere and pass model.path=/path/to/local/dir (or a .gguf file).") from err
+                          "download the model elsewhere and pass model.path=/path/to/local/dir (or a .gguf file)."
+                          ) from err
     drop_gguf_quantization(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

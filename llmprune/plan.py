@@ -81,7 +81,8 @@ def resolve_targets(dims: dict[str, int], targets: dict, prefix: str = "prune.ex
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             problems.append(f"{prefix}{key}={value!r} must be a positive integer.")
         elif value > dims[key]:
-            problems.append(f"{prefix}{key}={value} is larger than the model's {dims[key]}; choose at most {dims[key]}.")
+            problems.append(f"{prefix}{key}={value} is larger than the model's {dims[key]}; "
+                            f"choose at most {dims[key]}.")
         else:
             out[key] = value
     heads, groups = dims["num_attention_heads"], dims["num_query_groups"]
@@ -148,7 +149,8 @@ def choose_layers(scores: dict[str, torch.Tensor], num_layers: int, keep: int, m
 
 
 def make_plan(family: str, scores: dict[str, torch.Tensor], dims: dict[str, int], targets: dict,
-              depth_method: str = "drop_one", depth_metric: str = "lm_loss", rescale_norms: bool = False) -> PruningPlan:
+              depth_method: str = "drop_one", depth_metric: str = "lm_loss",
+              rescale_norms: bool = False) -> PruningPlan:
     """Turn importance scores and targets into a PruningPlan (Minitron: rank, keep the top units).
 
     Args:

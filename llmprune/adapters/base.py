@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
@@ -16,6 +16,46 @@ class Site:
     name: str
     module: nn.Module
     capture: Literal["input", "output"]
+
+
+class Adapter(Protocol):
+    """What the pipeline needs from a model family. Only adapters know module names.
+
+    Attributes:
+        family: name recorded in plans.
+        model_types: the `config.model_type` values this adapter handles.
+        backbone: the model without its LM head (calibration runs it).
+        layers: the decoder blocks, in order (depth scoring and Block Importance hook them).
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    backbone: nn.Module
+    layers: nn.ModuleList
+
+    def dims(self) -> dict[str, int]:
+        """Current sizes by ModelOpt name (hidden_size, ffn_hidden_size, ..., num_layers)."""
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head applied to the last block's output."""
+
+    def importance_sites(self) -> list[Site]:
+        """The activations Minitron scores."""
+
+    def derive_scores(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Turn per-site channel scores into the unit scores the plan ranks (heads, hidden, ...)."""
+
+    def prunable_weights(self) -> dict[str, list[tuple[nn.Module, str]]]:
+        """Per score name, the modules whose rows ('out') or columns ('in', 'emb') it owns (weight baselines)."""
+
+    def count_params(self, shape: dict[str, int] | None = None) -> int:
+        """Analytic parameter count of this model at `shape`."""
+
+    def apply(self, plan) -> None:
+        """Slice the model in place to the plan and rewrite its config."""
+
+    def stock_alternative(self):
+        """(config, model class) of an equivalent stock architecture for shapes the own config rejects, or None."""
 
 
 def derive_attention_and_hidden_scores(raw: dict[str, torch.Tensor], dims: dict[str, int]) -> dict[str, torch.Tensor]:

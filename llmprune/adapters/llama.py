@@ -81,6 +81,8 @@ class LlamaAdapter:
             out[f"attn.{i}"] = [(attn.q_proj, "out"), (attn.o_proj, "in")]
             out["hidden"] += [(attn.q_proj, "in"), (attn.k_proj, "in"), (attn.v_proj, "in"), (attn.o_proj, "out"),
                               (mlp.gate_proj, "in"), (mlp.up_proj, "in"), (mlp.down_proj, "out")]
+        if self.model.lm_head.weight is not self.model.model.embed_tokens.weight:
+            out["hidden"].append((self.model.lm_head, "in"))
         return out
 
     # -- parameter count ---------------------------------------------------------------------------------------
@@ -133,6 +135,10 @@ class LlamaAdapter:
             if hidden is not None:
                 for name in self.hidden_norms:
                     slice_rmsnorm(getattr(layer, name), hidden, d["hidden_size"] if plan.rescale_norms else None)
+                if plan.rescale_norms:  # qwen3's per-head norms read the one shared rms_norm_eps on reload
+                    for name in ("q_norm", "k_norm"):
+                        if hasattr(attn, name):
+                            getattr(attn, name).variance_epsilon *= d["hidden_size"] / t["hidden_size"]
             if hasattr(layer, "hidden_size"):
                 layer.hidden_size = t["hidden_size"]
         backbone.layers = kept
