@@ -10,7 +10,7 @@ from llmprune.config import ConfigError
 from llmprune.data import as_batches, to_batches
 from llmprune.depth import removal_scores
 from llmprune.importance import activation_scores
-from llmprune.plan import PruningPlan, make_plan, resolve_targets
+from llmprune.plan import TARGET_KEYS, PruningPlan, make_plan, resolve_targets
 
 
 def compute_scores(model, calib_data, tokenizer=None, *, export_config: dict | None = None,
@@ -28,7 +28,8 @@ def compute_scores(model, calib_data, tokenizer=None, *, export_config: dict | N
     else:
         scores = baseline_scores(importance, model, adapter, batches, seed)
     dims = adapter.dims()
-    target = resolve_targets(dims, {k: v for k, v in (export_config or {}).items() if v is not None}, prefix="")
+    target = resolve_targets(dims, {k: v for k, v in (export_config or {}).items() if v is not None}, prefix="",
+                             family=adapter.family)
     drop = dims["num_layers"] - target["num_layers"]
     if drop and depth_method in ("drop_one", "contiguous"):
         ids = torch.cat([b.input_ids for b in batches])[:depth_samples]
@@ -50,7 +51,7 @@ def prune(model, mode: str = "minitron", export_config: dict | None = None, cali
     """Prune a Hugging Face causal LM in place with Minitron and return it with its plan.
 
     Args:
-        model: a loaded llama / mistral / qwen2 / qwen3 causal LM.
+        model: a loaded llama / mistral / qwen2 / qwen3 / nemotron_h / mamba2 causal LM.
         mode: "minitron".
         export_config: targets by ModelOpt name, e.g. {"hidden_size": 448, "ffn_hidden_size": 1024}.
         calib_data: LongTensor (N, S) of token ids, a list of strings (with `tokenizer`), or an iterable of
@@ -66,15 +67,16 @@ def prune(model, mode: str = "minitron", export_config: dict | None = None, cali
         raise ConfigError(f"Unknown mode '{mode}'. Known: minitron.")
     if not export_config:
         raise ConfigError("export_config is empty: pass targets such as {'hidden_size': 448}. Known keys: "
-                          "hidden_size, ffn_hidden_size, num_attention_heads, num_query_groups, num_layers.")
+                          f"{', '.join(TARGET_KEYS)}.")
     adapter = get_adapter(model)
-    resolve_targets(adapter.dims(), export_config, prefix="export_config.")  # fail before calibrating
+    resolve_targets(adapter.dims(), export_config, prefix="export_config.", family=adapter.family)  # fail early
     if scores is None:
         if calib_data is None:
             raise ConfigError("prune() needs calib_data (or scores from compute_scores).")
         scores = compute_scores(model, calib_data, tokenizer, export_config=export_config, importance=importance,
                                 depth_method=depth_method, depth_metric=depth_metric, depth_samples=depth_samples,
                                 seq_len=seq_len, batch_size=batch_size, seed=seed)
-    plan = make_plan(adapter.family, scores, adapter.dims(), export_config, depth_method, depth_metric, rescale_norms)
+    plan = make_plan(adapter.family, scores, adapter.dims(), export_config, depth_method, depth_metric, rescale_norms,
+                     layer_types=getattr(adapter, "layer_types", None))
     adapter.apply(plan)
     return model, plan

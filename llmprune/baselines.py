@@ -16,9 +16,13 @@ from llmprune.distributed import all_reduce_sum
 from llmprune.progress import progress
 
 
-def _unit_reduce(module: nn.Module, side: str, values: torch.Tensor) -> torch.Tensor:
-    """Per-unit sums over a weight-shaped tensor: rows for 'out', columns for 'in' / 'emb'."""
-    return values.sum(dim=1) if side == "out" else values.sum(dim=0)
+def _unit_reduce(module: nn.Module, side, values: torch.Tensor) -> torch.Tensor:
+    """Per-unit sums over a weight-shaped tensor: rows for 'out' (all other dims summed, so a conv filter is one
+    unit), rows start..stop for ('out', start, stop) (one part of a fused projection), columns for 'in' / 'emb'."""
+    if isinstance(side, tuple):
+        _, start, stop = side
+        return values[start:stop].flatten(1).sum(dim=1)
+    return values.flatten(1).sum(dim=1) if side == "out" else values.sum(dim=0)
 
 
 def _scores_from(adapter, per_weight, per_channel=None) -> dict[str, torch.Tensor]:

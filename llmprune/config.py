@@ -70,13 +70,20 @@ class DataConfig:
 
 @dataclass
 class TargetsConfig:
-    """Target sizes (ModelOpt names); unset keys keep the model's size."""
+    """Target sizes (ModelOpt names); unset keys keep the model's size. A family supports only the keys it has
+    (Mamba2: hidden_size, num_layers, mamba_*; llama-like decoders: no mamba_*; Nemotron-H: all).
+
+    mamba_num_heads: Mamba heads per Mamba layer, a multiple of the model's n_groups.
+    mamba_head_dim: Mamba head dimension (one set of channels kept for all heads of a layer).
+    """
 
     hidden_size: int | None = None
     ffn_hidden_size: int | None = None
     num_attention_heads: int | None = None
     num_query_groups: int | None = None
     num_layers: int | None = None
+    mamba_num_heads: int | None = None
+    mamba_head_dim: int | None = None
 
 
 @dataclass
@@ -116,12 +123,48 @@ class PruneConfig:
 
 @dataclass
 class DistillConfig:
-    """Knowledge distillation of the pruned student (arrives in a later release).
+    """Knowledge distillation of the pruned student from the original model (the teacher).
 
     max_steps: optimizer steps; 0 skips distillation.
+    micro_batch_size: samples per forward pass on each process.
+    global_batch_size: samples per optimizer step over all processes (accumulation steps are derived).
+    lr / min_lr_ratio / warmup_steps: AdamW peak learning rate, linear warmup, cosine decay to lr * min_lr_ratio.
+    weight_decay / max_grad_norm: AdamW weight decay, gradient clipping.
+    temperature: softmax temperature of the logit losses.
+    kl_weight / reverse_kl_weight / topk_weight (+ topk) / hidden_weight (+ hidden_loss) / lm_weight: the loss
+        mix: forward KL(teacher || student), reverse KL, KL over the teacher's top-k tokens, hidden-state cosine
+        or mse through a learned projection (student layer j against the teacher layer it came from), and the
+        LM loss on the data.
+    precision: auto (bf16 autocast where the hardware has it: CUDA, or CPUs with AMX / AVX512-BF16) | bf16 | fp32.
+    gradient_checkpointing: recompute activations in backward to save memory.
+    eval_every / save_every / keep_checkpoints: held-out evaluation and checkpoint cadence; checkpoints kept.
+    teacher_correction_steps / teacher_correction_lr: first fine-tune the teacher on the distillation data
+        for this many steps (0 skips; arXiv:2408.11796 Sec. 2).
     """
 
     max_steps: int = 0
+    micro_batch_size: int = 4
+    global_batch_size: int = 4
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    temperature: float = 1.0
+    kl_weight: float = 1.0
+    reverse_kl_weight: float = 0.0
+    topk: int = 0
+    topk_weight: float = 0.0
+    hidden_weight: float = 0.0
+    hidden_loss: str = "cosine"
+    lm_weight: float = 0.0
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    eval_every: int = 25
+    save_every: int = 25
+    keep_checkpoints: int = 2
+    teacher_correction_steps: int = 0
+    teacher_correction_lr: float = 1e-5
 
 
 @dataclass
@@ -136,15 +179,24 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    """Export of the pruned model as a Hugging Face directory.
+    """Export as Hugging Face directories: pruned/ (after pruning) and final/ (after distillation).
 
     architecture: auto (keep the model's own class when its config accepts the pruned shape, else an
         architecture-identical stock one) | keep (fail instead of switching).
-    verify: reload the export with stock transformers and compare logits with the in-memory model.
+    verify: reload each export with stock transformers and compare logits with the in-memory model.
+    max_shard_size: safetensors shard size, e.g. 2GB.
+    push_to_hub / repo_id / private: upload final/ (or pruned/ without distillation) with huggingface_hub; the
+        token comes from HF_TOKEN or the huggingface-cli login.
+    hub_endpoint: another Hub endpoint (a mirror or a local stand-in); null uses HF_ENDPOINT or the public Hub.
     """
 
     architecture: str = "auto"
     verify: bool = True
+    max_shard_size: str = "2GB"
+    push_to_hub: bool = False
+    repo_id: str | None = None
+    private: bool = True
+    hub_endpoint: str | None = None
 
 
 @dataclass
@@ -180,6 +232,8 @@ CHOICES = {
     "prune.depth.method": ("drop_one", "block_importance", "contiguous"),
     "prune.depth.metric": ("lm_loss", "kl"),
     "export.architecture": ("auto", "keep"),
+    "distill.precision": ("auto", "bf16", "fp32"),
+    "distill.hidden_loss": ("cosine", "mse"),
 }
 
 
@@ -296,8 +350,24 @@ def validate(cfg: DictConfig) -> None:
         problems.append("data.source=hf needs data.dataset=<datasets name>.")
     if cfg.distill.max_steps < 0:
         problems.append(f"distill.max_steps={cfg.distill.max_steps} must be 0 or more.")
-    if cfg.distill.max_steps > 0:
-        problems.append("distill.max_steps>0: distillation is not part of this release yet; set distill.max_steps=0.")
+    d = cfg.distill
+    for key in ("micro_batch_size", "global_batch_size", "eval_every", "save_every", "keep_checkpoints"):
+        if d[key] < 1:
+            problems.append(f"distill.{key}={d[key]} must be at least 1.")
+    if d.global_batch_size % max(d.micro_batch_size, 1):
+        problems.append(f"distill.global_batch_size={d.global_batch_size} must be a multiple of "
+                        f"distill.micro_batch_size={d.micro_batch_size}.")
+    weights = ("kl_weight", "reverse_kl_weight", "topk_weight", "hidden_weight", "lm_weight")
+    if d.max_steps > 0 and not any(d[w] for w in weights):
+        problems.append(f"distill: every loss weight is 0; set one of {', '.join('distill.' + w for w in weights)}.")
+    if d.topk_weight and d.topk < 1:
+        problems.append(f"distill.topk_weight={d.topk_weight} needs distill.topk=<k> (e.g. 64).")
+    if d.lr <= 0 or d.temperature <= 0:
+        problems.append("distill.lr and distill.temperature must be positive.")
+    if d.teacher_correction_steps < 0:
+        problems.append(f"distill.teacher_correction_steps={d.teacher_correction_steps} must be 0 or more.")
+    if cfg.export.push_to_hub and not cfg.export.repo_id:
+        problems.append("export.push_to_hub=true needs export.repo_id=<user or org>/<name>.")
     if not str(cfg.output_dir).strip():
         problems.append("output_dir is empty; set output_dir=<path>.")
     if problems:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from llmprune.config import ConfigError
+from llmprune.progress import log
 
 
 @dataclass
@@ -27,7 +28,8 @@ class Batch:
 @dataclass
 class TextSplits:
     calib: torch.Tensor  # (N, S) packed calibration samples
-    heldout: torch.Tensor  # (M, S) packed held-out samples, disjoint from calib
+    heldout: torch.Tensor  # (M, S) packed held-out samples, disjoint from calib and train
+    train: torch.Tensor  # (T, S) every window of the head: distillation data (calib is a subset)
     stream_tokens: int
     calib_region_tokens: int
 
@@ -116,7 +118,10 @@ def split_stream(stream: torch.Tensor, seq_len: int, num_samples: int, eval_samp
     windows = head[: n_head * seq_len].view(n_head, seq_len)
     order = torch.randperm(n_head, generator=torch.Generator().manual_seed(seed))[:num_samples]
     heldout = tail[: n_tail * seq_len].view(n_tail, seq_len)[:eval_samples]
-    return TextSplits(calib=windows[order.sort().values], heldout=heldout, stream_tokens=len(stream),
+    if len(heldout) < eval_samples:
+        log.warning(f"data.eval_samples={eval_samples} but the held-out tail holds {len(heldout)} samples of "
+                    f"{seq_len} tokens; evaluating on {len(heldout)} (raise data.eval_fraction or add text).")
+    return TextSplits(calib=windows[order.sort().values], heldout=heldout, train=windows, stream_tokens=len(stream),
                       calib_region_tokens=cut)
 
 

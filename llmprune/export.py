@@ -5,6 +5,7 @@ Written atomically: everything goes to a temporary sibling directory that replac
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -24,6 +25,22 @@ def _config_accepts(config) -> str | None:
     return None
 
 
+def check_exportable(adapter, target: dict[str, int], architecture: str = "auto") -> None:
+    """Fail before any work when no stock config can express `target` (the same rule export applies)."""
+    config = copy.deepcopy(adapter.config)
+    adapter.rewrite_config(config, target, list(range(target["num_layers"])))
+    reason = _config_accepts(config)
+    if reason is not None and (architecture != "auto" or adapter.stock_alternative() is None):
+        raise ConfigError(_no_stock_config_message(config, reason, architecture))
+
+
+def _no_stock_config_message(config, reason: str, architecture: str) -> str:
+    hint = "" if architecture == "auto" else " Set export.architecture=auto to allow an equivalent stock class."
+    return (f"{type(config).__name__} rejects the pruned shape ({reason}) and no stock architecture can express "
+            "it; choose targets this config accepts (for example make prune.export_config.hidden_size a multiple "
+            f"of num_attention_heads).{hint}")
+
+
 def exportable_model(model, adapter, architecture: str = "auto"):
     """The model to save and a note on which architecture is written and why.
 
@@ -36,10 +53,7 @@ def exportable_model(model, adapter, architecture: str = "auto"):
         return model, f"{type(model).__name__} (the model's own architecture)"
     alternative = adapter.stock_alternative() if architecture == "auto" else None
     if alternative is None:
-        hint = "" if architecture == "auto" else " Set export.architecture=auto to allow an equivalent stock class."
-        raise ConfigError(f"{type(model.config).__name__} rejects the pruned shape ({reason}) and no stock "
-                          f"architecture can express it; choose targets this config accepts (for example make "
-                          f"prune.export_config.hidden_size a multiple of num_attention_heads).{hint}")
+        raise ConfigError(_no_stock_config_message(model.config, reason, architecture))
     config, model_cls = alternative
     with torch.device("meta"):
         converted = model_cls(config)
@@ -72,11 +86,12 @@ def atomic_directory(target: Path, write) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_hf(model, tokenizer, out_dir: Path, extra_files: dict[str, str] | None = None) -> None:
-    """save_pretrained (safetensors, config, generation config) + tokenizer + extra text files, atomically."""
+def save_hf(model, tokenizer, out_dir: Path, extra_files: dict[str, str] | None = None,
+            max_shard_size: str = "2GB") -> None:
+    """save_pretrained (sharded safetensors, config, generation config) + tokenizer + extra files, atomically."""
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
@@ -97,3 +112,14 @@ def verify_export(out_dir: Path, reference, input_ids: torch.Tensor) -> dict:
     expected = reference(input_ids=input_ids, use_cache=False).logits.float()
     got = reloaded(input_ids=input_ids, use_cache=False).logits.float()
     return {"reloaded_class": type(reloaded).__name__, "max_abs_logit_diff": float((got - expected).abs().max())}
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool = True, endpoint: str | None = None,
+                message: str = "llmprune export") -> dict:
+    """Create `repo_id` if needed and upload `folder` as one commit. Token: HF_TOKEN or the CLI login."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=endpoint) if endpoint else HfApi()
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message=message)
+    return {"repo_id": repo_id, "url": str(url), "commit": getattr(commit, "oid", None)}

@@ -8,6 +8,7 @@ and output hidden states, ShortGPT arXiv:2403.03853) comes from the same pass.
 
 Score names (all plain tensors, saved in importance.safetensors):
   ffn.{i} (ffn,), attn.{i} (heads * head_dim,), heads.{i} (heads,), hidden.{i}.{norm} (hidden,), hidden (hidden,),
+  mamba.{i} (mamba heads * mamba head_dim,), mamba_heads.{i} (mamba heads,), mamba_head_dim.{i} (mamba head_dim,),
   block_importance (layers,), depth.drop_one.{metric} (layers,), depth.contiguous.{metric}.n{k} (layers - k + 1,).
 """
 
@@ -50,12 +51,14 @@ class ActivationScores:
 def _hook_sites(sites, stats: ActivationScores) -> list:
     handles = []
     for site in sites:
+        def add(act, name=site.name, channels=site.channels):
+            stats.add(name, act if channels is None else act[..., channels[0]: channels[1]])
+
         if site.capture == "input":
-            handles.append(site.module.register_forward_pre_hook(
-                lambda mod, args, name=site.name: stats.add(name, args[0])))
+            handles.append(site.module.register_forward_pre_hook(lambda mod, args, add=add: add(args[0])))
         else:
             handles.append(site.module.register_forward_hook(
-                lambda mod, args, out, name=site.name: stats.add(name, out[0] if isinstance(out, tuple) else out)))
+                lambda mod, args, out, add=add: add(out[0] if isinstance(out, tuple) else out)))
     return handles
 
 
@@ -109,7 +112,7 @@ def activation_scores(model, adapter, batches: Iterable[Batch], total: int | Non
 def summarize(scores: dict[str, torch.Tensor]) -> dict[str, dict]:
     """A small JSON-able summary for plan.json: per score family, count and value range."""
     families: dict[str, list[torch.Tensor]] = {}
-    for name, value in scores.items():
+    for name, value in sorted(scores.items()):  # fixed order: a reloaded file must summarize identically
         family = name.split(".")[0] if not name.startswith("depth.") else name
         families.setdefault(family, []).append(value.float().flatten())
     out = {}

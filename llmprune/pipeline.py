@@ -1,4 +1,5 @@
-"""One run, read top to bottom: load -> data -> calibrate -> plan -> prune -> [distill] -> evaluate -> export -> report.
+"""One run, read top to bottom: load -> data -> [correct teacher] -> calibrate -> plan -> prune -> evaluate ->
+export pruned/ -> [distill -> export final/] -> [push] -> report.
 
 Every stage writes its artifact into `output_dir`; calibration is skipped when importance.safetensors was made
 from the same model, data and scoring settings, so re-pruning to another target costs seconds.
@@ -22,14 +23,16 @@ from llmprune import data as text
 from llmprune.adapters import get_adapter
 from llmprune.baselines import baseline_scores
 from llmprune.depth import removal_scores
+from llmprune.distill import Student, distill_loss, lm_only_loss, train
 from llmprune.distributed import barrier, is_rank_zero, rank, world_size
 from llmprune.evaluate import evaluate
-from llmprune.export import exportable_model, save_hf, verify_export
+from llmprune.export import check_exportable, exportable_model, push_to_hub, save_hf, verify_export
 from llmprune.importance import activation_scores, summarize
+from llmprune.losses import channel_projection
 from llmprune.models import load_model
 from llmprune.plan import PruningPlan, make_plan, resolve_targets
 from llmprune.progress import setup_logging
-from llmprune.report import model_card, write_report
+from llmprune.report import model_card, plot_curves, write_report
 
 log = logging.getLogger("llmprune")
 
@@ -107,6 +110,59 @@ def calibrate(cfg: DictConfig, model, adapter, calib: torch.Tensor, needs: dict,
     return scores
 
 
+def correct_teacher(cfg: DictConfig, teacher, windows: torch.Tensor, run_dir: Path, fingerprint: str) -> list[dict]:
+    """Teacher correction: briefly fine-tune the teacher on the distillation data (arXiv:2408.11796 Sec. 2)."""
+    settings = OmegaConf.merge(cfg.distill, {"max_steps": cfg.distill.teacher_correction_steps,
+                                             "lr": cfg.distill.teacher_correction_lr})
+    for p in teacher.parameters():
+        p.requires_grad_(True)
+    history = train(teacher, windows, lm_only_loss, settings, run_dir, "correct", fingerprint, seed=cfg.seed + 1)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return history
+
+
+def distill_student(cfg: DictConfig, student, teacher, plan: PruningPlan, windows: torch.Tensor, heldout,
+                    run_dir: Path, fingerprint: str) -> list[dict]:
+    """Distill `student` from `teacher` in place; returns the metric rows."""
+    d = cfg.distill
+    student.requires_grad_(True)  # a deep copy of the frozen teacher
+    hidden_layers, projection = (), None
+    if d.hidden_weight:
+        hidden_layers = tuple(range(len(plan.kept_layers)))  # student layer j came from teacher layer kept_layers[j]
+        if plan.hidden is not None:
+            projection = channel_projection(plan.target["hidden_size"], plan.original["hidden_size"], plan.hidden)
+            projection.to(next(student.parameters()).device)
+    if d.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module = Student(student, projection, hidden_layers)
+    loss = distill_loss(teacher, d, tuple(plan.kept_layers[j] for j in hidden_layers))
+
+    def evaluate_fn() -> dict:
+        result = evaluate(student, heldout, teacher=teacher, desc="evaluate student")
+        return {"eval_perplexity": result["perplexity"], "eval_kl": result["kl_to_teacher"]}
+
+    history = train(module, windows, loss, d, run_dir, "distill", fingerprint, evaluate_fn, seed=cfg.seed)
+    if d.gradient_checkpointing:
+        student.gradient_checkpointing_disable()
+    return history
+
+
+def export_stage(name: str, model, adapter, tokenizer, run_dir: Path, cfg: DictConfig, report: dict,
+                 probe: torch.Tensor) -> str:
+    """Write run_dir/<name> (rank zero), verify the reload; returns which architecture was written."""
+    to_save, architecture = exportable_model(model, adapter, cfg.export.architecture)
+    report["architecture_written"] = architecture
+    if is_rank_zero():
+        save_hf(to_save, tokenizer, run_dir / name, {"README.md": model_card({**report, "stage": name}),
+                                                     "pruning_plan.json": (run_dir / "plan.json").read_text()},
+                cfg.export.max_shard_size)
+        if cfg.export.verify:
+            report.setdefault("export_check", {})[name] = verify_export(run_dir / name, model, probe)
+    barrier()
+    return architecture
+
+
 def run(cfg: DictConfig) -> dict:
     """Run a composed, validated config end to end. Returns the report (also written to output_dir)."""
     setup_logging()
@@ -120,9 +176,12 @@ def run(cfg: DictConfig) -> dict:
 
     with t.stage("load"):
         teacher, tokenizer, source = load_model(cfg.model.path, cfg.model.gguf_file, cfg.model.dtype, cfg.model.device)
+        teacher.requires_grad_(False)
         adapter = get_adapter(teacher)
         dims = adapter.dims()
-        target = resolve_targets(dims, OmegaConf.to_container(cfg.prune.export_config))  # fail before calibrating
+        target = resolve_targets(dims, OmegaConf.to_container(cfg.prune.export_config),  # fail before calibrating
+                                 family=adapter.family)
+        check_exportable(adapter, target, cfg.export.architecture)
 
     with t.stage("data"):
         docs = text.load_documents(cfg.data.source, cfg.data.paths, cfg.data.dataset, cfg.data.dataset_config,
@@ -130,17 +189,24 @@ def run(cfg: DictConfig) -> dict:
         splits = text.split_stream(text.token_stream(docs, tokenizer), cfg.data.seq_len, cfg.data.num_samples,
                                    cfg.data.eval_samples, cfg.data.eval_fraction, cfg.seed)
         heldout = text.to_batches(splits.heldout[rank():: world_size()], cfg.data.batch_size)
+        device = next(teacher.parameters()).device
+
+    fingerprint = calibration_fingerprint(cfg, source)
+    if cfg.distill.teacher_correction_steps:
+        with t.stage("correct_teacher"):
+            correct_teacher(cfg, teacher, splits.train, run_dir, fingerprint)
 
     with t.stage("calibrate"):
         scores = calibrate(cfg, teacher, adapter, splits.calib, depth_needs(cfg, dims, target),
-                           run_dir / "importance.safetensors", calibration_fingerprint(cfg, source))
+                           run_dir / "importance.safetensors", fingerprint)
 
     with t.stage("plan"):
         plan = make_plan(adapter.family, scores, dims, OmegaConf.to_container(cfg.prune.export_config),
-                         cfg.prune.depth.method, cfg.prune.depth.metric,
-                         cfg.prune.rescale_norms)
+                         cfg.prune.depth.method, cfg.prune.depth.metric, cfg.prune.rescale_norms,
+                         layer_types=getattr(adapter, "layer_types", None))  # hybrids: report removed layer types
         plan.summary["importance"] = summarize(scores)
         write_text_atomic(run_dir / "plan.json", plan.to_json())
+        barrier()
 
     with t.stage("prune"):
         student = copy.deepcopy(teacher)
@@ -150,37 +216,64 @@ def run(cfg: DictConfig) -> dict:
                   "after_analytic": student_adapter.count_params()}
         assert params["after"] == params["after_analytic"], params
 
-    distill = {"status": "skipped (distill.max_steps=0)"}
-
     evaluation = {}
     if cfg.eval.enabled:
-        with t.stage("evaluate"):
+        with t.stage("evaluate_pruned"):
             evaluation = {"teacher": evaluate(teacher, heldout, desc="evaluate teacher"),
                           "pruned": evaluate(student, heldout, teacher=teacher, desc="evaluate pruned")}
 
-    with t.stage("export"):
-        to_save, architecture = exportable_model(student, student_adapter, cfg.export.architecture)
-        report = {
-            "recipe": cfg.recipe, "output_dir": str(run_dir), "model": source.description, "family": adapter.family,
-            "model_type": teacher.config.model_type, "architecture_written": architecture,
-            "original": plan.original, "target": plan.target, "params": params,
-            "removed_layers": plan.depth.get("removed", []), "depth": plan.depth, "plan_summary": plan.summary,
-            "data": {"source": cfg.data.source, "stream_tokens": splits.stream_tokens,
-                     "calibration_tokens": splits.calib.numel(), "heldout_tokens": splits.heldout.numel()},
-            "eval": evaluation, "distill": distill, "timings_s": t,
-        }
+    report = {
+        "recipe": cfg.recipe, "output_dir": str(run_dir), "model": source.description, "family": adapter.family,
+        "model_type": teacher.config.model_type, "importance": cfg.prune.importance,
+        "original": plan.original, "target": plan.target, "params": params,
+        "removed_layers": plan.depth.get("removed", []), "depth": plan.depth, "plan_summary": plan.summary,
+        "data": {"source": cfg.data.source, "stream_tokens": splits.stream_tokens,
+                 "calibration_tokens": splits.calib.numel(), "heldout_tokens": splits.heldout.numel()},
+        "eval": evaluation, "distill": {"status": "skipped (distill.max_steps=0)"}, "timings_s": t,
+    }
+    probe = splits.heldout[:1].to(device)
+    with t.stage("export_pruned"):
+        report["architecture_written"] = export_stage("pruned", student, student_adapter, tokenizer, run_dir, cfg,
+                                                      report, probe)
+
+    if cfg.distill.max_steps > 0:
+        with t.stage("distill"):
+            distill_fingerprint = hashlib.sha256(json.dumps(
+                [fingerprint, plan.fingerprint(), OmegaConf.to_container(cfg.distill)]).encode()).hexdigest()[:16]
+            history = distill_student(cfg, student, teacher, plan, splits.train, heldout, run_dir,
+                                      distill_fingerprint)
+        report["distill"] = distill_summary(history, cfg, t["distill"])
+        if cfg.eval.enabled:
+            last = history[-1]
+            evaluation["final"] = {"perplexity": last["eval_perplexity"], "kl_to_teacher": last["eval_kl"]}
+        with t.stage("export_final"):
+            report["architecture_written"] = export_stage("final", student, student_adapter, tokenizer, run_dir,
+                                                          cfg, report, probe)
         if is_rank_zero():
-            save_hf(to_save, tokenizer, run_dir / "pruned",
-                    {"README.md": model_card(report), "pruning_plan.json": plan.to_json()})
-            if cfg.export.verify:
-                report["export_check"] = verify_export(run_dir / "pruned", student, splits.heldout[:1].to(
-                    next(student.parameters()).device))
-        barrier()
+            plot_curves(history, run_dir / "curves.png", evaluation.get("pruned", {}).get("perplexity"))
+            report["distill"]["curves"] = "curves.png"
+
+    if cfg.export.push_to_hub and is_rank_zero():
+        with t.stage("push"):
+            folder = run_dir / ("final" if cfg.distill.max_steps > 0 else "pruned")
+            report["hub"] = push_to_hub(folder, cfg.export.repo_id, cfg.export.private, cfg.export.hub_endpoint,
+                                        f"llmprune {cfg.recipe}")
 
     report["timings_s"] = dict(t)
     if is_rank_zero():
         write_report(run_dir, report)
     return report
+
+
+def distill_summary(history: list[dict], cfg: DictConfig, seconds: float) -> dict:
+    last = history[-1]
+    steps_run = [r for r in history if "seconds" in r]
+    return {"status": f"{last['step']} steps, {last['tokens']:,} tokens", "steps": last["step"],
+            "tokens": last["tokens"], "seconds": seconds,
+            "seconds_per_step": round(seconds / max(1, len(steps_run)), 3),
+            "final_train_loss": last["loss"], "metrics": "distill_metrics.jsonl",
+            "losses": {k: cfg.distill[k] for k in ("kl_weight", "reverse_kl_weight", "topk_weight", "hidden_weight",
+                                                    "lm_weight") if cfg.distill[k]}}
 
 
 def load_plan(run_dir: str | Path) -> PruningPlan:

@@ -6,6 +6,7 @@ module. `plan.json` is this dataclass as JSON.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -14,7 +15,8 @@ import torch
 
 from llmprune.config import ConfigError
 
-TARGET_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers")
+TARGET_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers",
+               "mamba_num_heads", "mamba_head_dim")
 DEPTH_METHODS = ("drop_one", "block_importance", "contiguous")
 
 
@@ -31,7 +33,9 @@ class PruningPlan:
         original / target: sizes by ModelOpt name (plus head_dim, vocab_size).
         kept_layers: original indices of the layers that stay, in order.
         hidden: kept embedding channels, or None when the hidden size is unchanged.
-        ffn / heads / groups: per kept layer, kept FFN neurons, query heads and KV heads (None = all).
+        ffn / heads / groups: per kept layer that has them, kept FFN neurons, query heads and KV heads (None = all).
+        mamba_heads / mamba_head_dim: per kept Mamba layer, kept Mamba heads (the same number in every n_groups
+            group) and kept head-dim channels (one set shared by all heads of the layer); None = all.
         rescale_norms: rescale RMSNorm weight and epsilon for the hidden width change (see slicing.py).
         depth: how the layers were chosen and the removed layers' scores.
         summary: per dimension, how much of the importance mass the kept units carry.
@@ -45,60 +49,84 @@ class PruningPlan:
     ffn: dict[int, list[int]] | None = None
     heads: dict[int, list[int]] | None = None
     groups: dict[int, list[int]] | None = None
+    mamba_heads: dict[int, list[int]] | None = None
+    mamba_head_dim: dict[int, list[int]] | None = None
     rescale_norms: bool = False
     depth: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
-        return all(self.original[k] == self.target[k] for k in TARGET_KEYS)
+        return all(self.original[k] == self.target[k] for k in TARGET_KEYS if k in self.original)
 
     def to_json(self) -> str:
         """Indented JSON with every index list on one line (readable, and small for big models)."""
         text = json.dumps(asdict(self), indent=1)
         return re.sub(r"\[\s*([-0-9.e,\s]*?)\s*\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)
 
+    def fingerprint(self) -> str:
+        """Identifies what the plan keeps (not its summary), for resume checks."""
+        data = {k: v for k, v in asdict(self).items() if k != "summary"}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
     @classmethod
     def from_json(cls, text: str) -> PruningPlan:
         data = json.loads(text)
-        for key in ("ffn", "heads", "groups"):
+        for key in ("ffn", "heads", "groups", "mamba_heads", "mamba_head_dim"):
             if data.get(key) is not None:
                 data[key] = {int(k): v for k, v in data[key].items()}
         return cls(**data)
 
 
-def resolve_targets(dims: dict[str, int], targets: dict, prefix: str = "prune.export_config.") -> dict[str, int]:
-    """Fill unset targets from the model's sizes and check them; raise one PlanError listing every problem."""
+def resolve_targets(dims: dict[str, int], targets: dict, prefix: str = "prune.export_config.",
+                    family: str | None = None) -> dict[str, int]:
+    """Fill unset targets from the model's sizes and check them; raise one PlanError listing every problem.
+
+    `dims` holds only the dimensions the model's family can prune (a Mamba2 model has no ffn_hidden_size), so a
+    target for any other key is an error that names the key and the family.
+    """
     problems = []
+    supported = [k for k in TARGET_KEYS if k in dims]
     unknown = sorted(set(targets) - set(TARGET_KEYS))
     if unknown:
-        problems.append(f"unknown target {', '.join(prefix + k for k in unknown)}. Known: {', '.join(TARGET_KEYS)}.")
+        problems.append(f"unknown target {', '.join(prefix + k for k in unknown)}. Known: {', '.join(supported)}.")
     out = dict(dims)
     for key in TARGET_KEYS:
         value = targets.get(key)
         if value is None:
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if key not in dims:
+            owner = f"the {family} family" if family else "this model"
+            problems.append(f"{prefix}{key}={value!r}: {owner} has no such dimension; it can prune "
+                            f"{', '.join(supported)}. Remove the key or set it to null.")
+        elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
             problems.append(f"{prefix}{key}={value!r} must be a positive integer.")
         elif value > dims[key]:
             problems.append(f"{prefix}{key}={value} is larger than the model's {dims[key]}; "
                             f"choose at most {dims[key]}.")
         else:
             out[key] = value
-    heads, groups = dims["num_attention_heads"], dims["num_query_groups"]
-    per_group = heads // groups
-    if targets.get("num_query_groups") is not None and targets.get("num_attention_heads") is None:
-        out["num_attention_heads"] = out["num_query_groups"] * per_group  # removing a group removes its heads
-    if not problems:
-        if out["num_attention_heads"] % out["num_query_groups"]:
+    if "num_attention_heads" in dims:
+        heads, groups = dims["num_attention_heads"], dims["num_query_groups"]
+        per_group = heads // groups
+        if targets.get("num_query_groups") is not None and targets.get("num_attention_heads") is None:
+            out["num_attention_heads"] = out["num_query_groups"] * per_group  # removing a group removes its heads
+        if not problems:
+            if out["num_attention_heads"] % out["num_query_groups"]:
+                problems.append(
+                    f"{prefix}num_attention_heads={out['num_attention_heads']} is not a multiple of num_query_groups="
+                    f"{out['num_query_groups']}; every KV group keeps the same number of query heads.")
+            elif out["num_attention_heads"] // out["num_query_groups"] > per_group:
+                problems.append(
+                    f"{prefix}num_attention_heads={out['num_attention_heads']} with num_query_groups="
+                    f"{out['num_query_groups']} needs {out['num_attention_heads'] // out['num_query_groups']} heads "
+                    f"per group but the model has {per_group}; raise num_query_groups or lower num_attention_heads.")
+    if "mamba_num_heads" in dims and not problems:
+        mamba_groups = dims["mamba_num_groups"]  # B / C groups (config n_groups); they are never pruned
+        if out["mamba_num_heads"] % mamba_groups:
             problems.append(
-                f"{prefix}num_attention_heads={out['num_attention_heads']} is not a multiple of num_query_groups="
-                f"{out['num_query_groups']}; every KV group keeps the same number of query heads.")
-        elif out["num_attention_heads"] // out["num_query_groups"] > per_group:
-            problems.append(
-                f"{prefix}num_attention_heads={out['num_attention_heads']} with num_query_groups="
-                f"{out['num_query_groups']} needs {out['num_attention_heads'] // out['num_query_groups']} heads per "
-                f"group but the model has {per_group}; raise num_query_groups or lower num_attention_heads.")
+                f"{prefix}mamba_num_heads={out['mamba_num_heads']} is not a multiple of the model's Mamba n_groups="
+                f"{mamba_groups}; every group keeps the same number of heads, so choose a multiple of {mamba_groups}.")
     if problems:
         raise PlanError("Invalid pruning targets:\n  - " + "\n  - ".join(problems))
     return out
@@ -148,39 +176,73 @@ def choose_layers(scores: dict[str, torch.Tensor], num_layers: int, keep: int, m
             "removed_scores": removed_scores}
 
 
+def _scored_layers(scores: dict[str, torch.Tensor], name: str, kept_layers: list[int], num_layers: int) -> list[int]:
+    """The kept layers that have a `{name}.{i}` score: a hybrid scores FFN neurons only on its MLP layers, heads
+    only on its attention layers. Raises PlanError when no layer at all has one (calibration did not score it)."""
+    if not any(f"{name}.{i}" in scores for i in range(num_layers)):
+        raise PlanError(f"the targets prune '{name}' units but the scores hold no '{name}.<layer>' vector; re-run "
+                        "calibration for this model (importance.safetensors may come from another model).")
+    return [i for i in kept_layers if f"{name}.{i}" in scores]
+
+
+def _mean_mass(scores: dict[str, torch.Tensor], name: str, kept: dict[int, list[int]]) -> float | None:
+    if not kept:
+        return None
+    return sum(_mass_kept(scores[f"{name}.{i}"], units) for i, units in kept.items()) / len(kept)
+
+
 def make_plan(family: str, scores: dict[str, torch.Tensor], dims: dict[str, int], targets: dict,
               depth_method: str = "drop_one", depth_metric: str = "lm_loss",
-              rescale_norms: bool = False) -> PruningPlan:
+              rescale_norms: bool = False, layer_types: list[str] | None = None) -> PruningPlan:
     """Turn importance scores and targets into a PruningPlan (Minitron: rank, keep the top units).
 
     Args:
         family: adapter family, recorded in the plan.
         scores: named score vectors from `importance.calibrate` (or a baseline scorer).
-        dims: the model's sizes (`adapter.dims(model)`).
+        dims: the model's sizes (`adapter.dims(model)`); only the dimensions its family can prune.
         targets: subset of TARGET_KEYS.
         depth_method / depth_metric: how to choose layers when num_layers shrinks.
         rescale_norms: see PruneConfig.rescale_norms.
+        layer_types: each layer's type (hybrids, `adapter.layer_types`); recorded for the removed layers as
+            depth["removed_types"].
     """
-    target = resolve_targets(dims, {k: v for k, v in targets.items() if v is not None})
-    depth = choose_layers(scores, dims["num_layers"], target["num_layers"], depth_method, depth_metric)
+    target = resolve_targets(dims, {k: v for k, v in targets.items() if v is not None}, family=family)
+    num_layers = dims["num_layers"]
+    depth = choose_layers(scores, num_layers, target["num_layers"], depth_method, depth_metric)
     kept_layers = depth.pop("kept")
+    if layer_types is not None:
+        depth["removed_types"] = [layer_types[i] for i in depth["removed"]]
     plan = PruningPlan(family=family, original=dict(dims), target=target, kept_layers=kept_layers,
                        rescale_norms=rescale_norms, depth=depth)
-    summary: dict[str, float] = {}
+    summary: dict[str, float | None] = {}
     if target["hidden_size"] < dims["hidden_size"]:
         plan.hidden = _topk_sorted(scores["hidden"], target["hidden_size"])
         summary["hidden"] = _mass_kept(scores["hidden"], plan.hidden)
-    if target["ffn_hidden_size"] < dims["ffn_hidden_size"]:
-        plan.ffn = {i: _topk_sorted(scores[f"ffn.{i}"], target["ffn_hidden_size"]) for i in kept_layers}
-        summary["ffn"] = sum(_mass_kept(scores[f"ffn.{i}"], plan.ffn[i]) for i in kept_layers) / len(kept_layers)
-    heads, groups = dims["num_attention_heads"], dims["num_query_groups"]
-    if (target["num_attention_heads"], target["num_query_groups"]) != (heads, groups):
-        plan.heads, plan.groups = {}, {}
-        for i in kept_layers:
-            plan.groups[i], plan.heads[i] = choose_heads(scores[f"heads.{i}"], groups, target["num_query_groups"],
-                                                         target["num_attention_heads"])
-        summary["heads"] = sum(_mass_kept(scores[f"heads.{i}"], plan.heads[i]) for i in kept_layers) / len(kept_layers)
-    plan.summary = {f"{k}_score_mass_kept": round(v, 4) for k, v in summary.items()}
+    if "ffn_hidden_size" in dims and target["ffn_hidden_size"] < dims["ffn_hidden_size"]:
+        plan.ffn = {i: _topk_sorted(scores[f"ffn.{i}"], target["ffn_hidden_size"])
+                    for i in _scored_layers(scores, "ffn", kept_layers, num_layers)}
+        summary["ffn"] = _mean_mass(scores, "ffn", plan.ffn)
+    if "num_attention_heads" in dims:
+        heads, groups = dims["num_attention_heads"], dims["num_query_groups"]
+        if (target["num_attention_heads"], target["num_query_groups"]) != (heads, groups):
+            plan.heads, plan.groups = {}, {}
+            for i in _scored_layers(scores, "heads", kept_layers, num_layers):
+                plan.groups[i], plan.heads[i] = choose_heads(scores[f"heads.{i}"], groups,
+                                                             target["num_query_groups"], target["num_attention_heads"])
+            summary["heads"] = _mean_mass(scores, "heads", plan.heads)
+    if "mamba_num_heads" in dims and target["mamba_num_heads"] < dims["mamba_num_heads"]:
+        # Mamba heads are ranked inside their B/C group (head h uses group h // (heads / n_groups)); every group
+        # keeps the same number and no group is removed, so this is choose_heads with all groups kept.
+        mamba_groups = dims["mamba_num_groups"]
+        plan.mamba_heads = {
+            i: choose_heads(scores[f"mamba_heads.{i}"], mamba_groups, mamba_groups, target["mamba_num_heads"])[1]
+            for i in _scored_layers(scores, "mamba_heads", kept_layers, num_layers)}
+        summary["mamba_heads"] = _mean_mass(scores, "mamba_heads", plan.mamba_heads)
+    if "mamba_head_dim" in dims and target["mamba_head_dim"] < dims["mamba_head_dim"]:
+        plan.mamba_head_dim = {i: _topk_sorted(scores[f"mamba_head_dim.{i}"], target["mamba_head_dim"])
+                               for i in _scored_layers(scores, "mamba_head_dim", kept_layers, num_layers)}
+        summary["mamba_head_dim"] = _mean_mass(scores, "mamba_head_dim", plan.mamba_head_dim)
+    plan.summary = {f"{k}_score_mass_kept": round(v, 4) for k, v in summary.items() if v is not None}
     return plan
 
 

@@ -1,4 +1,4 @@
-"""report.json, report.md, the model card and the end-of-run summary table."""
+"""report.json, report.md, the model card, the loss / eval curves and the end-of-run summary table."""
 
 from __future__ import annotations
 
@@ -14,16 +14,24 @@ def _fmt(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def summary_rows(report: dict) -> list[tuple[str, str, str]]:
-    """(quantity, before, after) rows shared by the console table, report.md and the model card."""
+def summary_rows(report: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """(header, rows) shared by the console table, report.md and the model card."""
     o, t, ev = report["original"], report["target"], report.get("eval", {})
-    rows = [("parameters", _fmt_params(report["params"]["before"]), _fmt_params(report["params"]["after"]))]
-    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups"):
-        rows.append((key, str(o[key]), str(t[key])))
+    final = ev.get("final")
+    header = ("", "original", "pruned") + (("distilled",) if final else ())
+    params = report["params"]
+    rows = [("parameters", _fmt_params(params["before"]), _fmt_params(params["after"]))
+            + ((_fmt_params(params["after"]),) if final else ())]
+    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "mamba_num_heads", "mamba_head_dim"):
+        if key in o:
+            rows.append((key, str(o[key]), str(t[key])) + ((str(t[key]),) if final else ()))
     if ev:
-        rows.append(("held-out perplexity", _fmt(ev["teacher"]["perplexity"]), _fmt(ev["pruned"]["perplexity"])))
-        rows.append(("KL to original (nats/token)", "0", _fmt(ev["pruned"].get("kl_to_teacher"), 4)))
-    return rows
+        rows.append(("held-out perplexity", _fmt(ev["teacher"]["perplexity"]), _fmt(ev["pruned"]["perplexity"]))
+                    + ((_fmt(final["perplexity"]),) if final else ()))
+        rows.append(("KL to original (nats/token)", "0", _fmt(ev["pruned"].get("kl_to_teacher"), 4))
+                    + ((_fmt(final["kl_to_teacher"], 4),) if final else ()))
+    return header, rows
 
 
 def markdown_table(header: tuple[str, ...], rows) -> str:
@@ -33,43 +41,101 @@ def markdown_table(header: tuple[str, ...], rows) -> str:
 
 
 def console_table(report: dict) -> str:
-    rows = summary_rows(report)
+    header, rows = summary_rows(report)
     width = max(len(r[0]) for r in rows)
-    lines = [f"{'':<{width}}  {'before':>14}  {'after':>14}"]
-    lines += [f"{q:<{width}}  {b:>14}  {a:>14}" for q, b, a in rows]
+    lines = [f"{header[0]:<{width}}" + "".join(f"  {h:>14}" for h in header[1:])]
+    lines += [f"{row[0]:<{width}}" + "".join(f"  {c:>14}" for c in row[1:]) for row in rows]
     timings = "  ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items())
-    lines += [f"time: {timings}", f"written: {report['output_dir']}/pruned ({report['architecture_written']})"]
+    written = "final" if report.get("eval", {}).get("final") else "pruned"
+    lines += [f"time: {timings}", f"written: {report['output_dir']}/{written} ({report['architecture_written']})"]
     return "\n".join(lines)
 
 
+def _removed_layers_line(report: dict) -> list[str]:
+    if not report.get("removed_layers"):
+        return []
+    depth = report["depth"]
+    types = depth.get("removed_types")
+    listed = ", ".join(f"{i} ({ty})" for i, ty in zip(report["removed_layers"], types)) if types else \
+        str(report["removed_layers"])
+    return [f"Removed layers (method {depth['method']}, metric {depth.get('metric')}): {listed}", ""]
+
+
 def report_markdown(report: dict) -> str:
+    header, rows = summary_rows(report)
     parts = [f"# llmprune report: {report['recipe']}", "",
-             f"Model: {report['model']} (family {report['family']})", "",
-             markdown_table(("", "before", "after"), summary_rows(report)), ""]
-    if report.get("removed_layers"):
-        parts += [f"Removed layers (method {report['depth']['method']}): {report['removed_layers']}", ""]
+             f"Model: {report['model']} (family {report['family']}); importance: {report.get('importance')}", "",
+             markdown_table(header, rows), ""]
+    parts += _removed_layers_line(report)
     parts += [f"Architecture written: {report['architecture_written']}", ""]
-    if "export_check" in report:
-        check = report["export_check"]
-        parts += [f"Export check: stock transformers reloads it as {check['reloaded_class']}; max |logit difference| "
-                  f"{check['max_abs_logit_diff']:.2e}.", ""]
-    parts += [f"Distillation: {report['distill']['status']}", "", "Time per stage (s):", "",
-              markdown_table(("stage", "seconds"), report["timings_s"].items()), ""]
+    for name, check in report.get("export_check", {}).items():
+        parts += [f"Export check ({name}/): stock transformers reloads it as {check['reloaded_class']}; max |logit "
+                  f"difference| {check['max_abs_logit_diff']:.2e}.", ""]
+    distill = report["distill"]
+    line = f"Distillation: {distill['status']}"
+    if "seconds_per_step" in distill:
+        line += (f" ({distill['seconds_per_step']} s/step, losses {distill['losses']}); curves: curves.png, "
+                 "metrics: distill_metrics.jsonl")
+    parts.append(line)
+    parts += ["", "Time per stage (s):", "", markdown_table(("stage", "seconds"), report["timings_s"].items()), ""]
+    if "hub" in report:
+        parts += [f"Pushed to {report['hub']['url']}", ""]
     return "\n".join(parts)
 
 
 def model_card(report: dict) -> str:
-    """README.md of the exported directory: where the model came from and how it was made."""
+    """README.md of an exported directory: where the model came from and how it was made."""
+    header, rows = summary_rows(report)
+    stage = report.get("stage", "pruned")
+    distill = report["distill"]
+    made = "pruned" if stage == "pruned" else f"pruned and distilled ({distill['status']}, losses {distill['losses']})"
     return "\n".join([
-        "---", "library_name: transformers", "tags: [llmprune, pruning, minitron]", "---", "",
-        f"# Pruned {report['model']}", "",
-        f"Structurally pruned with llmprune (recipe `{report['recipe']}`, Minitron activation importance) from "
-        f"{report['model']}. Loads with stock `AutoModelForCausalLM.from_pretrained`.", "",
-        markdown_table(("", "original", "pruned"), summary_rows(report)), "",
-        f"Architecture: {report['architecture_written']}.", "",
-        f"Calibration: {report['data']['calibration_tokens']:,} tokens of {report['data']['source']} text; "
-        f"evaluation on {report['data']['heldout_tokens']:,} held-out tokens calibration never saw. "
-        f"Distillation: {report['distill']['status']}. `pruning_plan.json` lists the kept indices.", ""])
+        "---", "library_name: transformers", "tags: [llmprune, pruning, minitron, distillation]",
+        f"base_model: {report['model'].split(' ')[0]}", "---", "",
+        f"# {report['model'].split(' ')[0]}, {made}", "",
+        f"Teacher: {report['model']}. Made with llmprune, recipe `{report['recipe']}`, importance "
+        f"`{report.get('importance', 'activation')}` (Minitron activation importance when `activation`). Loads with "
+        "stock `AutoModelForCausalLM.from_pretrained`.", "",
+        markdown_table(header, rows), "",
+        f"Architecture: {report.get('architecture_written', '-')}.", "",
+        *_removed_layers_line(report),
+        f"Calibration: {report['data']['calibration_tokens']:,} tokens of {report['data']['source']} text. "
+        f"Evaluation: {report['data']['heldout_tokens']:,} held-out tokens that calibration and distillation never "
+        f"saw. Distillation token budget: {distill.get('tokens', 0):,}. `pruning_plan.json` lists the target sizes "
+        "and the kept indices of every dimension.", ""])
+
+
+def plot_curves(history: list[dict], path: Path, pruned_perplexity: float | None = None) -> None:
+    """PNG with the training loss and the held-out perplexity / KL against distillation tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    tokens = [r["tokens"] for r in history]
+    left.plot(tokens, [r["loss"] for r in history], label="total loss")
+    for part in sorted({k for r in history for k in r} & {"kl", "reverse_kl", "topk_kl", "hidden", "lm"}):
+        left.plot(tokens, [r.get(part) for r in history], label=part, alpha=0.7)
+    left.set(xlabel="distillation tokens", ylabel="training loss", title="training")
+    left.legend()
+    evals = [r for r in history if "eval_perplexity" in r]
+    eval_tokens = ([0] if pruned_perplexity else []) + [r["tokens"] for r in evals]
+    ppl = ([pruned_perplexity] if pruned_perplexity else []) + [r["eval_perplexity"] for r in evals]
+    right.plot(eval_tokens, ppl, marker="o", label="held-out perplexity")
+    right.set(xlabel="distillation tokens", ylabel="perplexity", title="held-out evaluation", yscale="log")
+    if evals:
+        kl_axis = right.twinx()
+        kl_axis.plot([r["tokens"] for r in evals], [r["eval_kl"] for r in evals], color="tab:red", marker=".",
+                     label="KL to teacher")
+        kl_axis.set_ylabel("KL to teacher (nats/token)")
+        kl_axis.legend(loc="lower right")
+    right.legend(loc="lower left")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def write_report(run_dir: Path, report: dict) -> None:

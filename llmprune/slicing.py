@@ -64,3 +64,22 @@ def slice_rmsnorm(norm: nn.Module, idx, rescale_from: int | None = None) -> None
         for attr in ("variance_epsilon", "eps"):
             if isinstance(getattr(norm, attr, None), float):
                 setattr(norm, attr, getattr(norm, attr) * ratio)
+
+
+def head_rows(units: list[int], size: int) -> list[int]:
+    """Indices of a head-major layout ((units, size) flattened) that belong to the kept `units`."""
+    return [u * size + j for u in units for j in range(size)]
+
+
+@torch.no_grad()
+def slice_depthwise_conv1d(conv: nn.Conv1d, idx) -> nn.Conv1d:
+    """A new depthwise Conv1d (groups == channels) keeping channels `idx`; each channel owns its own filter."""
+    assert conv.groups == conv.in_channels == conv.out_channels, (conv.groups, conv.in_channels, conv.out_channels)
+    weight = conv.weight.index_select(0, _index(idx, conv.weight.device))  # (C', 1, K)
+    channels = weight.shape[0]
+    new = nn.Conv1d(channels, channels, conv.kernel_size[0], groups=channels, padding=conv.padding,
+                    bias=conv.bias is not None, device="meta", dtype=weight.dtype)
+    new.weight = nn.Parameter(weight.clone(), requires_grad=conv.weight.requires_grad)
+    if conv.bias is not None:
+        new.bias = slice_parameter(conv.bias, idx)
+    return new

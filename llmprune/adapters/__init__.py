@@ -5,9 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from llmprune.adapters.llama import LlamaAdapter
+from llmprune.adapters.mamba2 import Mamba2Adapter
+from llmprune.adapters.nemotron_h import NemotronHAdapter
 from llmprune.config import ConfigError
 
-ADAPTERS = (LlamaAdapter,)
+ADAPTERS = (LlamaAdapter, NemotronHAdapter, Mamba2Adapter)
 SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
 
 

@@ -11,11 +11,16 @@ from torch import nn
 
 @dataclass
 class Site:
-    """An activation Minitron scores: the `input` or `output` of `module`, whose last dim is the scored channel."""
+    """An activation Minitron scores: the `input` or `output` of `module`, whose last dim is the scored channel.
+
+    `channels=(start, stop)` scores only that slice of the last dim (e.g. the x part of a Mamba in_proj's fused
+    z / x / B / C / dt output).
+    """
 
     name: str
     module: nn.Module
     capture: Literal["input", "output"]
+    channels: tuple[int, int] | None = None
 
 
 class Adapter(Protocol):
@@ -26,6 +31,8 @@ class Adapter(Protocol):
         model_types: the `config.model_type` values this adapter handles.
         backbone: the model without its LM head (calibration runs it).
         layers: the decoder blocks, in order (depth scoring and Block Importance hook them).
+        layer_types: (hybrids only, optional) each layer's type, e.g. NemotronH's layers_block_type; make_plan
+            records the removed layers' types from it.
     """
 
     family: str
@@ -34,7 +41,8 @@ class Adapter(Protocol):
     layers: nn.ModuleList
 
     def dims(self) -> dict[str, int]:
-        """Current sizes by ModelOpt name (hidden_size, ffn_hidden_size, ..., num_layers)."""
+        """Current sizes by ModelOpt name (hidden_size, ffn_hidden_size, ..., num_layers): only the dimensions this
+        family can prune (a Mamba2 model has no ffn_hidden_size), plus fixed sizes such as vocab_size."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head applied to the last block's output."""
@@ -46,13 +54,18 @@ class Adapter(Protocol):
         """Turn per-site channel scores into the unit scores the plan ranks (heads, hidden, ...)."""
 
     def prunable_weights(self) -> dict[str, list[tuple[nn.Module, str]]]:
-        """Per score name, the modules whose rows ('out') or columns ('in', 'emb') it owns (weight baselines)."""
+        """Per score name, the modules whose rows ('out', or ('out', start, stop) for part of a fused weight) or
+        columns ('in', 'emb') it owns (weight baselines)."""
 
-    def count_params(self, shape: dict[str, int] | None = None) -> int:
-        """Analytic parameter count of this model at `shape`."""
+    def count_params(self, shape: dict[str, int] | None = None, kept_layers: list[int] | None = None) -> int:
+        """Analytic parameter count of this model at `shape`; hybrids need `kept_layers` when num_layers shrinks."""
 
     def apply(self, plan) -> None:
         """Slice the model in place to the plan and rewrite its config."""
+
+    @staticmethod
+    def rewrite_config(c, target: dict[str, int], kept_layers: list[int], eps_scale: float = 1.0) -> None:
+        """Set config `c` to the shape `target` with the layers `kept_layers` (also used for early export checks)."""
 
     def stock_alternative(self):
         """(config, model class) of an equivalent stock architecture for shapes the own config rejects, or None."""

@@ -86,8 +86,9 @@ class LlamaAdapter:
         return out
 
     # -- parameter count ---------------------------------------------------------------------------------------
-    def count_params(self, shape: dict[str, int] | None = None) -> int:
-        """Analytic parameter count for `shape` (ModelOpt names; missing keys take the model's current sizes)."""
+    def count_params(self, shape: dict[str, int] | None = None, kept_layers: list[int] | None = None) -> int:
+        """Analytic parameter count for `shape` (ModelOpt names; missing keys take the model's current sizes).
+        Every layer is alike, so `kept_layers` (accepted for the hybrid adapters' sake) changes nothing."""
         s = {**self.dims(), **(shape or {})}
         h, ffn, heads, groups, hd = (s["hidden_size"], s["ffn_hidden_size"], s["num_attention_heads"],
                                      s["num_query_groups"], s["head_dim"])
@@ -152,20 +153,25 @@ class LlamaAdapter:
                 self.model.lm_head = slice_linear(self.model.lm_head, None, hidden)
         self._rewrite_config(plan)
 
-    def _rewrite_config(self, plan: PruningPlan) -> None:
-        c, t = self.config, plan.target
-        c.hidden_size = t["hidden_size"]
-        c.intermediate_size = t["ffn_hidden_size"]
-        c.num_attention_heads = t["num_attention_heads"]
-        c.num_key_value_heads = t["num_query_groups"]
-        c.head_dim = t["head_dim"]  # explicit: hidden / heads no longer gives it
-        c.num_hidden_layers = t["num_layers"]
+    @staticmethod
+    def rewrite_config(c, target: dict[str, int], kept_layers: list[int], eps_scale: float = 1.0) -> None:
+        """Set config `c` to the pruned shape (used on the live model and for early export checks)."""
+        c.hidden_size = target["hidden_size"]
+        c.intermediate_size = target["ffn_hidden_size"]
+        c.num_attention_heads = target["num_attention_heads"]
+        c.num_key_value_heads = target["num_query_groups"]
+        c.head_dim = target["head_dim"]  # explicit: hidden / heads no longer gives it
+        c.num_hidden_layers = target["num_layers"]
         if getattr(c, "layer_types", None) is not None:
-            c.layer_types = [c.layer_types[i] for i in plan.kept_layers]
+            c.layer_types = [c.layer_types[i] for i in kept_layers]
         if getattr(c, "max_window_layers", None) is not None:  # qwen2/3: sliding window from this layer on
-            c.max_window_layers = sum(1 for i in plan.kept_layers if i < c.max_window_layers)
-        if plan.hidden is not None and plan.rescale_norms:
-            c.rms_norm_eps = c.rms_norm_eps * plan.original["hidden_size"] / t["hidden_size"]
+            c.max_window_layers = sum(1 for i in kept_layers if i < c.max_window_layers)
+        c.rms_norm_eps = c.rms_norm_eps * eps_scale
+
+    def _rewrite_config(self, plan: PruningPlan) -> None:
+        rescaled = plan.hidden is not None and plan.rescale_norms
+        eps_scale = plan.original["hidden_size"] / plan.target["hidden_size"] if rescaled else 1.0
+        self.rewrite_config(self.config, plan.target, plan.kept_layers, eps_scale)
 
     # -- export ------------------------------------------------------------------------------------------------
     def stock_alternative(self):

@@ -1,0 +1,213 @@
+"""Adapter for NemotronHForCausalLM: the Nemotron-H hybrid of Mamba-2, attention and MLP layers.
+
+The only file that knows this model's module names. Layout (transformers):
+  model.embeddings -> model.layers[i].{norm, mixer} -> model.norm_f -> lm_head, where layer i's mixer is chosen by
+  config.layers_block_type[i]:
+    linear_attention  Mamba-2 mixer {in_proj, conv1d, A_log, D, dt_bias, norm, out_proj} (see mamba_mixer.py)
+    full_attention    {q,k,v,o}_proj, GQA, no bias and no rotary embedding; query head h uses KV head
+                      h // (heads / kv_heads)
+    mlp               {up,down}_proj (squared ReLU)
+MoE layers ('moe') are not supported. Depth pruning keeps config.layers_block_type equal to the kept layers' types.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from llmprune.adapters.base import Site, derive_attention_and_hidden_scores
+from llmprune.adapters.mamba_mixer import (
+    count_mixer_params,
+    derive_mamba_scores,
+    prunable_weights,
+    slice_mixer,
+    x_channels,
+)
+from llmprune.config import ConfigError
+from llmprune.plan import PruningPlan
+from llmprune.slicing import head_rows, slice_embedding, slice_linear, slice_rmsnorm
+
+MAMBA, ATTENTION, MLP = "linear_attention", "full_attention", "mlp"  # transformers' layers_block_type names
+log = logging.getLogger("llmprune")
+
+
+class NemotronHAdapter:
+    """Minitron pruning for Nemotron-H: hidden size, FFN, attention heads and groups, Mamba heads and head dim,
+    and depth."""
+
+    family = "nemotron_h"
+    model_types = ("nemotron_h",)
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+        unsupported = [(i, t) for i, t in enumerate(self.layer_types) if t not in (MAMBA, ATTENTION, MLP)]
+        if unsupported:
+            raise ConfigError(
+                f"This Nemotron-H model has layers llmprune cannot prune yet: {unsupported} (index, layers_block_type)."
+                f" Supported layer types: {MAMBA} (Mamba-2), {ATTENTION}, {MLP}; MoE checkpoints such as "
+                "Nemotron-3-Nano-30B-A3B are not supported. Use a dense Nemotron-H (e.g. NVIDIA-Nemotron-Nano-12B-v2).")
+
+    # -- structure ---------------------------------------------------------------------------------------------
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    @property
+    def layer_types(self) -> list[str]:
+        """Each layer's type (config.layers_block_type)."""
+        return list(self.config.layers_block_type)
+
+    def dims(self) -> dict[str, int]:
+        """Current sizes, by ModelOpt name; head_dim, mamba_num_groups and vocab_size are not prunable."""
+        c = self.config
+        return {"hidden_size": c.hidden_size, "ffn_hidden_size": c.intermediate_size,
+                "num_attention_heads": c.num_attention_heads, "num_query_groups": c.num_key_value_heads,
+                "num_layers": len(c.layers_block_type), "mamba_num_heads": c.mamba_num_heads,
+                "mamba_head_dim": c.mamba_head_dim, "head_dim": c.head_dim, "mamba_num_groups": c.n_groups,
+                "vocab_size": c.vocab_size}
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.model.norm_f(hidden))
+
+    def importance_sites(self) -> list[Site]:
+        """Per layer type: the x part of in_proj's output (Mamba), o_proj's input (attention), down_proj's input
+        (MLP); every block norm's output (hidden)."""
+        sites = []
+        for i, (layer, kind) in enumerate(zip(self.layers, self.layer_types)):
+            mixer = layer.mixer
+            if kind == MAMBA:
+                sites.append(Site(f"mamba.{i}", mixer.in_proj, "output", x_channels(mixer)))
+            elif kind == ATTENTION:
+                sites.append(Site(f"attn.{i}", mixer.o_proj, "input"))
+            else:
+                sites.append(Site(f"ffn.{i}", mixer.down_proj, "input"))
+            sites.append(Site(f"hidden.{i}.norm", layer.norm, "output"))
+        return sites
+
+    def derive_scores(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        d = self.dims()
+        scores = derive_attention_and_hidden_scores(raw, d)
+        scores.update(derive_mamba_scores(raw, {i: (d["mamba_num_heads"], d["mamba_head_dim"])
+                                                for i, kind in enumerate(self.layer_types) if kind == MAMBA}))
+        return scores
+
+    def prunable_weights(self) -> dict[str, list]:
+        out: dict[str, list] = {"hidden": [(self.backbone.embeddings, "emb")]}
+        for i, (layer, kind) in enumerate(zip(self.layers, self.layer_types)):
+            m = layer.mixer
+            if kind == MAMBA:
+                out[f"mamba.{i}"], hidden = prunable_weights(m)
+            elif kind == ATTENTION:
+                out[f"attn.{i}"] = [(m.q_proj, "out"), (m.o_proj, "in")]
+                hidden = [(m.q_proj, "in"), (m.k_proj, "in"), (m.v_proj, "in"), (m.o_proj, "out")]
+            else:
+                out[f"ffn.{i}"] = [(m.up_proj, "out"), (m.down_proj, "in")]
+                hidden = [(m.up_proj, "in"), (m.down_proj, "out")]
+            out["hidden"] += hidden
+        if self.model.lm_head.weight is not self.backbone.embeddings.weight:
+            out["hidden"].append((self.model.lm_head, "in"))
+        return out
+
+    # -- parameter count ---------------------------------------------------------------------------------------
+    def count_params(self, shape: dict[str, int] | None = None, kept_layers: list[int] | None = None) -> int:
+        """Analytic parameter count at `shape` (ModelOpt names; missing keys keep the current sizes).
+
+        Layers differ by type, so a shape with fewer layers needs `kept_layers` (original indices that stay).
+        """
+        s = {**self.dims(), **(shape or {})}
+        types = self.layer_types
+        if kept_layers is not None:
+            types = [types[i] for i in kept_layers]
+        if len(types) != s["num_layers"]:
+            raise ValueError(f"count_params: num_layers={s['num_layers']} of a {len(types)}-layer hybrid depends on "
+                             "which layers stay; pass kept_layers (e.g. plan.kept_layers).")
+        c, h = self.config, s["hidden_size"]
+        heads, groups, hd, ffn = s["num_attention_heads"], s["num_query_groups"], s["head_dim"], s["ffn_hidden_size"]
+        per_type = {
+            MAMBA: count_mixer_params(h, s["mamba_num_heads"], s["mamba_head_dim"], s["mamba_num_groups"],
+                                      c.ssm_state_size, c.conv_kernel, c.use_bias, c.use_conv_bias),
+            ATTENTION: 2 * h * heads * hd + 2 * h * groups * hd,  # NemotronHAttention has no biases
+            MLP: 2 * h * ffn + c.mlp_bias * (ffn + h),
+        }
+        tied = self.model.lm_head.weight is self.backbone.embeddings.weight
+        return s["vocab_size"] * h * (1 if tied else 2) + sum(per_type[t] + h for t in types) + h
+
+    # -- pruning -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply(self, plan: PruningPlan) -> None:
+        """Slice the model in place to `plan` and rewrite its config (layers_block_type included)."""
+        d, t, hidden = plan.original, plan.target, plan.hidden
+        rescale = plan.rescale_norms
+        eps_scale = d["hidden_size"] / t["hidden_size"] if hidden is not None and rescale else 1.0
+        hd = d["head_dim"]
+        types = self.layer_types
+        if ATTENTION in types and not any(types[i] == ATTENTION for i in plan.kept_layers):
+            log.warning("nemotron_h: the plan removes every attention layer. Stock transformers (5.x) then cannot "
+                        "generate() with a cache (DynamicCache.get_seq_length needs an attention layer); forward "
+                        "passes and generate(use_cache=False) work. Keep an attention layer to avoid this.")
+        backbone = self.backbone
+        tied = self.model.lm_head.weight is backbone.embeddings.weight
+        kept = nn.ModuleList(self.layers[i] for i in plan.kept_layers)
+        for new_idx, (old_idx, layer) in enumerate(zip(plan.kept_layers, kept)):
+            kind, m = types[old_idx], layer.mixer
+            layer.layer_idx = new_idx
+            if kind == MAMBA:
+                m.layer_idx = new_idx  # cache slot
+                slice_mixer(m, plan.mamba_heads[old_idx] if plan.mamba_heads else None,
+                            plan.mamba_head_dim[old_idx] if plan.mamba_head_dim else None, hidden, rescale, eps_scale)
+            elif kind == ATTENTION:
+                m.layer_idx = new_idx
+                heads = plan.heads[old_idx] if plan.heads else None
+                groups = plan.groups[old_idx] if plan.groups else None
+                q_rows = head_rows(heads, hd) if heads is not None else None
+                kv_rows = head_rows(groups, hd) if groups is not None else None
+                m.q_proj = slice_linear(m.q_proj, q_rows, hidden)
+                m.k_proj = slice_linear(m.k_proj, kv_rows, hidden)
+                m.v_proj = slice_linear(m.v_proj, kv_rows, hidden)
+                m.o_proj = slice_linear(m.o_proj, hidden, q_rows)
+                m.num_key_value_groups = t["num_attention_heads"] // t["num_query_groups"]
+            else:
+                ffn = plan.ffn[old_idx] if plan.ffn else None
+                m.up_proj = slice_linear(m.up_proj, ffn, hidden)
+                m.down_proj = slice_linear(m.down_proj, hidden, ffn)
+                m.intermediate_size = t["ffn_hidden_size"]
+                if hidden is not None:
+                    m.hidden_size = t["hidden_size"]
+            if hidden is not None:
+                slice_rmsnorm(layer.norm, hidden, d["hidden_size"] if rescale else None)
+        backbone.layers = kept
+        if hidden is not None:
+            backbone.embeddings = slice_embedding(backbone.embeddings, hidden)
+            slice_rmsnorm(backbone.norm_f, hidden, d["hidden_size"] if rescale else None)
+            if tied:
+                self.model.lm_head = nn.Linear(t["hidden_size"], d["vocab_size"], bias=False, device="meta")
+                self.model.lm_head.weight = backbone.embeddings.weight
+            else:
+                self.model.lm_head = slice_linear(self.model.lm_head, None, hidden)
+        self.rewrite_config(self.config, t, plan.kept_layers, eps_scale)
+
+    @staticmethod
+    def rewrite_config(c, target: dict[str, int], kept_layers: list[int], eps_scale: float = 1.0) -> None:
+        """Set config `c` to the pruned shape; layers_block_type (num_hidden_layers follows it) keeps the kept
+        layers' types in order."""
+        c.hidden_size = target["hidden_size"]
+        c.intermediate_size = target["ffn_hidden_size"]
+        c.num_attention_heads = target["num_attention_heads"]
+        c.num_key_value_heads = target["num_query_groups"]
+        c.head_dim = target["head_dim"]
+        c.mamba_num_heads = target["mamba_num_heads"]
+        c.mamba_head_dim = target["mamba_head_dim"]
+        c.layers_block_type = [c.layers_block_type[i] for i in kept_layers]
+        c.layer_norm_epsilon = c.layer_norm_epsilon * eps_scale
+
+    # -- export ------------------------------------------------------------------------------------------------
+    def stock_alternative(self):
+        """None: NemotronHConfig accepts every shape this adapter produces."""
+        return None

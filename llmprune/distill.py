@@ -1,0 +1,222 @@
+"""Knowledge distillation of the pruned student from the original teacher (Minitron, arXiv:2407.14679 Sec. 3).
+
+`train()` is one loop for distillation and for teacher correction: AdamW, linear warmup + cosine decay,
+gradient accumulation, clipping, bf16 autocast where the hardware has it (CUDA, or CPUs with AMX /
+AVX512-BF16), gradient checkpointing, DDP under torchrun, periodic held-out evaluation, and checkpoints that
+resume exactly: the samples of step s are a pure function of (seed, s), and model, optimizer, scheduler and
+RNG states are restored, so a killed run continues to the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmprune import losses
+from llmprune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from llmprune.config import ConfigError
+from llmprune.distributed import all_reduce_sum, is_distributed, is_rank_zero, rank, world_size
+from llmprune.progress import log, progress
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 matmuls (AMX or AVX512-BF16), where bf16 autocast is several times faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 | fp32 | auto (bf16 where the hardware has it). None means full float32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_bf16() else None
+
+
+def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
+    """Micro-batches per optimizer step on each rank, so every step sees `global_batch` samples."""
+    per_step = micro_batch * world
+    if global_batch % per_step:
+        suggestion = per_step * max(1, round(global_batch / per_step))
+        raise ConfigError(f"distill.global_batch_size={global_batch} must be a multiple of distill.micro_batch_size="
+                          f"{micro_batch} x {world} processes; choose e.g. {suggestion}.")
+    return global_batch // (micro_batch * world)
+
+
+def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to min_ratio at max_steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress_ = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress_))
+
+
+class SampleOrder:
+    """Global sample g -> window index: a fresh seeded permutation of all windows per epoch."""
+
+    def __init__(self, num_windows: int, seed: int):
+        self.n, self.seed, self._perms = num_windows, seed, {}
+
+    def __call__(self, g: int) -> int:
+        epoch, pos = divmod(g, self.n)
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return int(self._perms[epoch][pos])
+
+
+class Student(nn.Module):
+    """The student plus the learned projection of its hidden states onto the teacher's width."""
+
+    def __init__(self, model: nn.Module, projection: nn.Module | None = None, hidden_layers: tuple[int, ...] = ()):
+        super().__init__()
+        self.model = model
+        self.projection = projection
+        self.hidden_layers = hidden_layers
+
+    def forward(self, input_ids: torch.Tensor):
+        out = self.model(input_ids=input_ids, use_cache=False, output_hidden_states=bool(self.hidden_layers))
+        states = [out.hidden_states[j + 1] for j in self.hidden_layers]  # output of student layer j
+        if self.projection is not None:
+            states = [self.projection(s) for s in states]
+        return out.logits, states
+
+
+def distill_loss(teacher: nn.Module, cfg, teacher_layers: tuple[int, ...]):
+    """The configured mix of KD losses: (module, input_ids) -> (loss, {part: value})."""
+
+    def compute(module: nn.Module, ids: torch.Tensor):
+        with torch.no_grad():
+            t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=bool(teacher_layers))
+        s_logits, s_states = module(ids)
+        s, t = s_logits[:, :-1], t_out.logits[:, :-1]  # positions that predict a next token
+        valid = torch.ones(ids.shape[0], ids.shape[1] - 1, device=ids.device)
+        parts = {}
+        if cfg.kl_weight:
+            parts["kl"] = (cfg.kl_weight, losses.forward_kl(s, t, valid, cfg.temperature))
+        if cfg.reverse_kl_weight:
+            parts["reverse_kl"] = (cfg.reverse_kl_weight, losses.reverse_kl(s, t, valid, cfg.temperature))
+        if cfg.topk_weight:
+            parts["topk_kl"] = (cfg.topk_weight, losses.topk_kl(s, t, valid, cfg.topk, cfg.temperature))
+        if cfg.hidden_weight:
+            t_states = [t_out.hidden_states[i + 1] for i in teacher_layers]
+            every_position = torch.ones(ids.shape, device=ids.device)
+            parts["hidden"] = (cfg.hidden_weight, losses.hidden_state_loss(s_states, t_states, None, every_position,
+                                                                         cfg.hidden_loss))
+        if cfg.lm_weight:
+            parts["lm"] = (cfg.lm_weight, losses.lm_loss(s, ids[:, 1:], valid))
+        total = sum(w * v for w, v in parts.values())
+        return total, {k: v.detach() for k, (_, v) in parts.items()}
+
+    return compute
+
+
+def lm_only_loss(module: nn.Module, ids: torch.Tensor):
+    """Plain LM fine-tuning (teacher correction)."""
+    logits = module(input_ids=ids, use_cache=False).logits[:, :-1]
+    loss = losses.lm_loss(logits, ids[:, 1:], torch.ones_like(ids[:, 1:], dtype=torch.float32))
+    return loss, {"lm": loss.detach()}
+
+
+def _read_metrics(path: Path, upto_step: int) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["step"] <= upto_step]
+
+
+def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: Path, name: str, fingerprint: str,
+          evaluate_fn=None, seed: int = 0) -> list[dict]:
+    """Train `module` on packed `windows` (N, S); checkpoints in run_dir/<name>_ckpt, metrics in <name>_metrics.jsonl.
+
+    Args:
+        compute_loss: (module, input_ids) -> (loss, {part: tensor}).
+        cfg: max_steps, micro_batch_size, global_batch_size, lr, min_lr_ratio, warmup_steps, weight_decay,
+            max_grad_norm, precision, eval_every, save_every, keep_checkpoints (DistillConfig).
+        fingerprint: identifies the run's inputs; a checkpoint with another fingerprint is refused.
+        evaluate_fn: () -> {metric: value}, called every eval_every steps and at the end.
+
+    Returns:
+        The metric rows of every step (train parts, lr, grad_norm, tokens; eval metrics where evaluated).
+    """
+    device = next(module.parameters()).device
+    ckpt_dir, metrics_path = run_dir / f"{name}_ckpt", run_dir / f"{name}_metrics.jsonl"
+    world = world_size()
+    accum = accumulation_steps(cfg.global_batch_size, cfg.micro_batch_size, world)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+    start = 0
+    checkpoint = latest_checkpoint(ckpt_dir)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, module, optimizer, scheduler)
+        if state.get("fingerprint") != fingerprint:
+            raise ConfigError(f"{ckpt_dir} holds a checkpoint of a run with other settings; resume with the same "
+                              "config, or choose a new output_dir (or delete that directory to start over).")
+        start = state["step"]
+        log.info(f"{name}: resuming from {checkpoint} (step {start} of {cfg.max_steps})")
+    history = _read_metrics(metrics_path, start)
+    if is_rank_zero():
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+    wrapped = nn.parallel.DistributedDataParallel(module) if is_distributed() else module
+    dtype = autocast_dtype(cfg.precision, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
+    order = SampleOrder(len(windows), seed)
+    seq = windows.shape[1]
+    module.train()
+    bar = progress(range(start, cfg.max_steps), total=cfg.max_steps - start, desc=name)
+    started = time.perf_counter()
+    for step in bar:
+        optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            first = step * cfg.global_batch_size + (micro * world + rank()) * cfg.micro_batch_size
+            ids = windows[[order(first + k) for k in range(cfg.micro_batch_size)]].to(device)
+            sync = wrapped.no_sync() if is_distributed() and micro < accum - 1 else nullcontext()
+            with sync:
+                with autocast():
+                    loss, parts = compute_loss(wrapped, ids)
+                (loss / accum).backward()
+            for k, v in {"loss": loss.detach(), **parts}.items():
+                sums[k] = sums.get(k, 0.0) + v.float() / accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        keys = sorted(sums)
+        reduced = all_reduce_sum(torch.stack([sums[k] for k in keys])) / world
+        row = {"step": step + 1, **{k: float(v) for k, v in zip(keys, reduced)}, "lr": scheduler.get_last_lr()[0],
+               "grad_norm": float(grad_norm), "tokens": (step + 1) * cfg.global_batch_size * seq,
+               "seconds": round(time.perf_counter() - started, 2)}
+        done = step + 1 == cfg.max_steps
+        if evaluate_fn is not None and ((step + 1) % cfg.eval_every == 0 or done):
+            module.eval()
+            row.update(evaluate_fn())
+            module.train()
+        if hasattr(bar, "set_postfix"):
+            shown = {"loss": f"{row['loss']:.3f}"}
+            if "eval_perplexity" in row:
+                shown["ppl"] = f"{row['eval_perplexity']:.1f}"
+            bar.set_postfix(shown)
+        history.append(row)
+        if is_rank_zero():
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if (step + 1) % cfg.save_every == 0 or done:
+            save_checkpoint(ckpt_dir, step + 1, module, optimizer, scheduler, {"fingerprint": fingerprint},
+                            keep=cfg.keep_checkpoints)
+    module.eval()
+    return history

