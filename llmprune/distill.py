@@ -170,8 +170,10 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
         start = state["step"]
         log.info(f"{name}: resuming from {checkpoint} (step {start} of {cfg.max_steps})")
     history = _read_metrics(metrics_path, start)
-    if is_rank_zero():
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+    if is_rank_zero():  # drop rows past the checkpoint; one rename, so a kill here cannot lose the earlier rows
+        tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+        tmp.replace(metrics_path)
     wrapped = nn.parallel.DistributedDataParallel(module) if is_distributed() else module
     dtype = autocast_dtype(cfg.precision, device)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
@@ -194,11 +196,12 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
             for k, v in {"loss": loss.detach(), **parts}.items():
                 sums[k] = sums.get(k, 0.0) + v.float() / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]  # the rate this step used (scheduler.step() moves to the next one)
         optimizer.step()
         scheduler.step()
         keys = sorted(sums)
         reduced = all_reduce_sum(torch.stack([sums[k] for k in keys])) / world
-        row = {"step": step + 1, **{k: float(v) for k, v in zip(keys, reduced)}, "lr": scheduler.get_last_lr()[0],
+        row = {"step": step + 1, **{k: float(v) for k, v in zip(keys, reduced)}, "lr": lr,
                "grad_norm": float(grad_norm), "tokens": (step + 1) * cfg.global_batch_size * seq,
                "seconds": round(time.perf_counter() - started, 2)}
         done = step + 1 == cfg.max_steps

@@ -75,6 +75,10 @@ def calibration_fingerprint(cfg: DictConfig, source) -> str:
     keys = {"model": [source.location, source.gguf_file, cfg.model.dtype], "data": OmegaConf.to_container(cfg.data),
             "importance": cfg.prune.importance, "depth": OmegaConf.to_container(cfg.prune.depth), "seed": cfg.seed,
             "world_size": world_size()}
+    if cfg.distill.teacher_correction_steps:  # the scores (and the correction checkpoint) come from this teacher
+        keys["teacher_correction"] = {k: cfg.distill[k] for k in (
+            "teacher_correction_steps", "teacher_correction_lr", "micro_batch_size", "global_batch_size",
+            "min_lr_ratio", "warmup_steps", "weight_decay", "max_grad_norm", "precision")}
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -67,6 +67,9 @@ class PruningPlan:
     def fingerprint(self) -> str:
         """Identifies what the plan keeps (not its summary), for resume checks."""
         data = {k: v for k, v in asdict(self).items() if k != "summary"}
+        # the removed layers' scores are informational floats whose last digits depend on how calibration was
+        # sharded (torchrun), not part of what is kept
+        data["depth"] = {k: v for k, v in data["depth"].items() if k != "removed_scores"}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod

@@ -27,3 +27,7 @@ def setup_logging(level: int = logging.INFO) -> None:
         log.addHandler(handler)
     log.setLevel(level if is_rank_zero() else logging.WARNING)
     log.propagate = False
+    if not is_rank_zero():  # transformers' own bars ("Loading weights") too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()

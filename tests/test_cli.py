@@ -97,11 +97,24 @@ def test_files_source_needs_existing_paths(tmp_path):
         load_config("smollm2_minitron", ["data.source=files"])
 
 
-def test_distill_steps_zero_is_accepted_and_positive_is_a_clear_error():
+def test_distill_steps_are_accepted_and_bad_distill_values_are_listed_at_once():
     assert load_config("smollm2_minitron", ["distill.max_steps=0"]).distill.max_steps == 0
+    assert load_config("smollm2_minitron", ["distill.max_steps=100"]).distill.max_steps == 100
     with pytest.raises(ConfigError) as err:
-        load_config("smollm2_minitron", ["distill.max_steps=100"])
-    assert "distill.max_steps>0" in str(err.value) and "set distill.max_steps=0" in str(err.value)
+        load_config("smollm2_minitron", ["distill.max_steps=100", "distill.global_batch_size=6",
+                                         "distill.micro_batch_size=4", "distill.topk_weight=0.5",
+                                         "distill.precision=fp16", "export.push_to_hub=true"])
+    message = str(err.value)
+    for needle in ("distill.global_batch_size=6 must be a multiple of distill.micro_batch_size=4",
+                   "distill.topk_weight=0.5 needs distill.topk=<k>",
+                   "distill.precision='fp16' is not one of: auto, bf16, fp32",
+                   "export.push_to_hub=true needs export.repo_id=<user or org>/<name>"):
+        assert needle in message, message
+    with pytest.raises(ConfigError, match="every loss weight is 0; set one of distill.kl_weight"):
+        load_config("smollm2_minitron", ["distill.max_steps=100", "distill.kl_weight=0"])
+    assert load_config("smollm2_minitron", ["distill.kl_weight=0"]).distill.kl_weight == 0  # nothing to distill
+    with pytest.raises(ConfigError, match=r"distill.micro_batch_size=0 must be at least 1"):
+        load_config("smollm2_minitron", ["distill.micro_batch_size=0"])
 
 
 # -- model-dependent checks (a tiny model is loaded; they fail before calibrating) ---------------------------------

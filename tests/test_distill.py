@@ -1,0 +1,446 @@
+"""Distillation tier: the losses, the schedule and sample order, then tiny end-to-end runs of `python -m llmprune`:
+final/ with its model card and curves, the Hub upload (to a local stand-in endpoint: tests never contact the real
+Hub), exact resume after SIGKILL, torchrun with 2 CPU processes (gloo) against 1, and teacher correction.
+
+The end-to-end tests share one uninterrupted reference run (`reference`, about 15 s). Every process runs on one
+thread: these models are so small that a second thread only adds contention on a shared machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_run_overrides
+from hub_standin import HubStandin
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import llmprune
+from llmprune import ConfigError, PruningPlan, losses
+from llmprune.distill import SampleOrder, accumulation_steps, lr_factor
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = "smollm2_minitron"
+STEPS, EVAL_EVERY, SEQ, GLOBAL_BATCH = 40, 10, 32, 4
+# every loss in the mix, through the learned projection (hidden 48 -> 24), after removing one of 4 layers
+DISTILL = {
+    "prune.export_config.hidden_size": 24, "prune.export_config.ffn_hidden_size": 32,
+    "prune.export_config.num_layers": 3, "prune.depth.num_samples": 4,
+    "distill.max_steps": STEPS, "distill.micro_batch_size": 2, "distill.global_batch_size": GLOBAL_BATCH,
+    "distill.lr": 1e-3, "distill.warmup_steps": 4, "distill.eval_every": EVAL_EVERY, "distill.save_every": 3,
+    "distill.precision": "fp32", "distill.kl_weight": 1.0, "distill.reverse_kl_weight": 0.5, "distill.topk": 16,
+    "distill.topk_weight": 0.5, "distill.hidden_weight": 0.1, "distill.lm_weight": 0.001,
+    "export.max_shard_size": "50KB",
+}
+WEIGHTS = {"kl": 1.0, "reverse_kl": 0.5, "topk_kl": 0.5, "hidden": 0.1, "lm": 0.001}
+# torchrun against one process: same global batch, fp32. DDP averages the same per-sample gradients the single
+# process accumulates, so the trajectories differ only by float summation order (observed: 0 for the training
+# losses, ~1e-7 for the held-out metrics, whose token sums are all-reduced).
+DDP_RTOL = 1e-4
+
+
+def overrides(model_dir, out_dir, **changes) -> list[str]:
+    settings = {**DISTILL, **changes}
+    return tiny_run_overrides(model_dir, out_dir, *(f"{k}={v}" for k, v in settings.items()))
+
+
+def env(**extra: str) -> dict[str, str]:
+    """One thread per process; offline unless a test points HF_ENDPOINT at the stand-in and sets HF_HUB_OFFLINE=0."""
+    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", **extra}
+
+
+def llmprune_cli(args: list[str], cwd, environ: dict[str, str], launcher: tuple[str, ...] = ()):
+    return subprocess.run([sys.executable, *launcher, "-m", "llmprune", f"recipe={RECIPE}", *args], cwd=cwd,
+                          env=environ, capture_output=True, text=True, timeout=420)
+
+
+def metrics(run_dir, name: str = "distill") -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / f"{name}_metrics.jsonl").read_text().splitlines()]
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a (possibly sharded) safetensors export."""
+    out = {}
+    for shard in sorted(Path(folder).glob("model*.safetensors")):
+        out.update(load_file(str(shard)))
+    return out
+
+
+def hidden_files(root) -> list[str]:
+    """Leftovers of atomic writes (.name.tmp, .final.tmp-*, .step_*.tmp)."""
+    return sorted(str(p) for p in Path(root).rglob(".*"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- losses ---------------------------------------------------------------------------------------------------------
+def logits(seed: int, shape=(2, 5, 11)) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def manual_kl(p_logits, q_logits, valid) -> torch.Tensor:
+    """KL(p || q) per token from the definition, token-mean over `valid`."""
+    p, q = p_logits.softmax(-1), q_logits.softmax(-1)
+    per_token = (p * (p.log() - q.log())).sum(-1)
+    return (per_token * valid).sum() / valid.sum()
+
+
+VALID = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])  # the padded tail of the first row must not count
+
+
+def test_kl_losses_are_zero_for_identical_logits_and_match_the_definition():
+    s, t = logits(0), logits(1)
+    for kl in (losses.forward_kl, losses.reverse_kl):
+        assert float(kl(t, t, VALID)) == pytest.approx(0.0, abs=1e-6)
+        assert float(kl(s, t, VALID)) > 0
+    torch.testing.assert_close(losses.forward_kl(s, t, VALID), manual_kl(t, s, VALID))
+    torch.testing.assert_close(losses.reverse_kl(s, t, VALID), manual_kl(s, t, VALID))
+    # padding changes nothing: garbage on masked positions
+    noisy = s.clone()
+    noisy[0, 3:] = 100.0
+    torch.testing.assert_close(losses.forward_kl(noisy, t, VALID), losses.forward_kl(s, t, VALID))
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0, 4.0])
+def test_temperature_softens_both_distributions_and_scales_by_t_squared(temperature):
+    s, t = logits(2), logits(3)
+    for kl, manual in ((losses.forward_kl, manual_kl(t / temperature, s / temperature, VALID)),
+                       (losses.reverse_kl, manual_kl(s / temperature, t / temperature, VALID))):
+        torch.testing.assert_close(kl(s, t, VALID, temperature), manual * temperature**2)
+
+
+def test_topk_kl_over_the_whole_vocabulary_is_forward_kl_and_otherwise_renormalizes():
+    s, t = logits(4), logits(5)
+    vocab = s.shape[-1]
+    torch.testing.assert_close(losses.topk_kl(s, t, VALID, vocab, 2.0), losses.forward_kl(s, t, VALID, 2.0))
+    top = t.topk(3, dim=-1).indices
+    expected = manual_kl(t.gather(-1, top), s.gather(-1, top), VALID)
+    torch.testing.assert_close(losses.topk_kl(s, t, VALID, 3), expected)
+    assert float(losses.topk_kl(t, t, VALID, 3)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lm_loss_is_cross_entropy_over_real_tokens():
+    s = logits(6)
+    labels = torch.randint(0, s.shape[-1], s.shape[:2], generator=torch.Generator().manual_seed(7))
+    every = torch.ones_like(VALID)
+    torch.testing.assert_close(losses.lm_loss(s, labels, every), F.cross_entropy(s.flatten(0, 1), labels.flatten()))
+    keep = VALID.bool()
+    torch.testing.assert_close(losses.lm_loss(s, labels, VALID), F.cross_entropy(s[keep], labels[keep]))
+
+
+def test_hidden_state_loss_cosine_and_mse():
+    g = torch.Generator().manual_seed(8)
+    t = [torch.randn(2, 5, 6, generator=g) for _ in range(2)]
+    every = torch.ones(2, 5)
+    assert float(losses.hidden_state_loss(t, t, None, every)) == pytest.approx(0.0, abs=1e-6)
+    assert float(losses.hidden_state_loss([-x for x in t], t, None, every)) == pytest.approx(2.0, abs=1e-6)
+    assert float(losses.hidden_state_loss([3 * x for x in t], t, None, every)) == pytest.approx(0.0, abs=1e-6)
+    s = [torch.randn(2, 5, 6, generator=g) for _ in range(2)]
+    expected = torch.stack([((a - b) ** 2).mean() for a, b in zip(s, t)]).mean()
+    torch.testing.assert_close(losses.hidden_state_loss(s, t, None, every, "mse"), expected)
+    cosine = torch.stack([(1 - F.cosine_similarity(a, b, dim=-1)).mean() for a, b in zip(s, t)]).mean()
+    torch.testing.assert_close(losses.hidden_state_loss(s, t, None, every), cosine)
+    # through a projection: the student (width 4) is mapped to the teacher's width 6
+    narrow = [x[..., :4] for x in s]
+    projection = torch.nn.Linear(4, 6, bias=False)
+    projected = [projection(x) for x in narrow]
+    torch.testing.assert_close(losses.hidden_state_loss(narrow, t, projection, every, "mse"),
+                               losses.hidden_state_loss(projected, t, None, every, "mse"))
+
+
+def test_channel_projection_puts_each_kept_channel_back_in_its_place():
+    kept = [0, 2, 3, 7, 9]
+    projection = losses.channel_projection(len(kept), 10, kept)
+    teacher = torch.randn(3, 10)
+    expected = torch.zeros(3, 10)
+    expected[:, kept] = teacher[:, kept]
+    assert torch.equal(projection(teacher[:, kept]), expected)
+    assert projection.weight.requires_grad  # learned during distillation
+    identity = losses.channel_projection(6, 6, None)
+    assert torch.equal(identity.weight, torch.eye(6))
+
+
+# -- schedule, accumulation, sample order ---------------------------------------------------------------------------
+def test_lr_factor_warmup_then_cosine_to_the_floor():
+    warmup, steps, floor = 4, 14, 0.1
+    assert [lr_factor(s, warmup, steps, floor) for s in range(warmup)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(warmup, warmup, steps, floor) == 1.0
+    assert lr_factor(warmup + 5, warmup, steps, floor) == pytest.approx(floor + (1 - floor) * 0.5)  # half way
+    assert lr_factor(steps, warmup, steps, floor) == pytest.approx(floor)
+    assert lr_factor(steps + 10, warmup, steps, floor) == pytest.approx(floor)  # clamped past the end
+    decay = [lr_factor(s, warmup, steps, floor) for s in range(warmup, steps + 1)]
+    assert decay == sorted(decay, reverse=True), decay
+    assert lr_factor(0, 0, 10, 0.0) == 1.0  # no warmup
+
+
+def test_accumulation_steps_derived_from_the_global_batch():
+    assert accumulation_steps(32, 4, 1) == 8
+    assert accumulation_steps(32, 4, 2) == 4
+    assert accumulation_steps(4, 2, 2) == 1
+    with pytest.raises(ConfigError) as err:
+        accumulation_steps(6, 4, 1)
+    assert "distill.global_batch_size=6" in str(err.value) and "distill.micro_batch_size=4" in str(err.value)
+    with pytest.raises(ConfigError, match=r"distill.global_batch_size=6 .* x 4 processes; choose e.g. 8"):
+        accumulation_steps(6, 2, 4)
+
+
+def test_sample_order_is_a_seeded_permutation_per_epoch():
+    n = 10
+    order = SampleOrder(n, seed=3)
+    epochs = [[order(e * n + i) for i in range(n)] for e in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(n)), epoch
+    assert epochs[0] != epochs[1] or epochs[1] != epochs[2], epochs  # reshuffled each epoch
+    again = SampleOrder(n, seed=3)
+    assert [again(g) for g in reversed(range(3 * n))] == [g for e in reversed(epochs) for g in reversed(e)]
+    assert [SampleOrder(n, seed=4)(i) for i in range(n)] != epochs[0]
+
+
+# -- the reference run: python -m llmprune with distillation, pushed to the stand-in Hub -----------------------------
+@pytest.fixture(scope="module")
+def reference(tiny_model_dirs, tmp_path_factory):
+    """One uninterrupted CLI run (40 steps) that also pushes final/ to a local stand-in Hub."""
+    root = tmp_path_factory.mktemp("distill_reference")
+    out = root / "run"
+    with HubStandin() as hub:
+        push = ["export.push_to_hub=true", "export.repo_id=me/tiny", f"export.hub_endpoint={hub.url}"]
+        started = time.perf_counter()
+        result = llmprune_cli([*overrides(tiny_model_dirs["llama"], out), *push], root,
+                              env(HF_TOKEN="dummy", HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.url))
+        seconds = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr[-4000:]
+    print(f"\nreference run: {seconds:.1f} s")
+    return SimpleNamespace(out=out, hub=hub, stderr=result.stderr, model_dir=tiny_model_dirs["llama"],
+                           report=json.loads((out / "report.json").read_text()))
+
+
+def test_distilled_run_writes_final_metrics_curves_and_report(reference):
+    out, report = reference.out, reference.report
+    final = out / "final"
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
+                 "pruning_plan.json", "model.safetensors.index.json"):
+        assert (final / name).is_file(), f"final/{name} missing: {sorted(p.name for p in final.iterdir())}"
+    shards = sorted(p.name for p in final.glob("model-*.safetensors"))
+    assert len(shards) >= 2, f"export.max_shard_size=50KB should shard the ~120KB model: {shards}"
+    index = json.loads((final / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == shards
+    assert set(index["weight_map"]) == set(weights(final))
+    assert (final / "pruning_plan.json").read_text() == (out / "plan.json").read_text()
+    assert hidden_files(out) == []
+
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in rows if "eval_kl" in r] == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
+    for row in rows:  # the logged total is the configured mix of the logged parts
+        mix = sum(w * row[part] for part, w in WEIGHTS.items())
+        assert row["loss"] == pytest.approx(mix, rel=1e-5), row
+        assert row["tokens"] == row["step"] * GLOBAL_BATCH * SEQ
+    assert rows[0]["lr"] == pytest.approx(1e-3 * lr_factor(0, 4, STEPS, 0.1))  # the rate step 1 used
+    assert rows[-1]["lr"] == pytest.approx(1e-3 * lr_factor(STEPS - 1, 4, STEPS, 0.1))
+
+    png = (out / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR", png[:16]
+    width, height = struct.unpack(">II", png[16:24])
+    assert width > height > 100, (width, height)
+
+    final_eval = report["eval"]["final"]
+    assert final_eval == {"perplexity": rows[-1]["eval_perplexity"], "kl_to_teacher": rows[-1]["eval_kl"]}
+    distill = report["distill"]
+    assert (distill["steps"], distill["tokens"]) == (STEPS, STEPS * GLOBAL_BATCH * SEQ), distill
+    assert distill["losses"] == {"kl_weight": 1.0, "reverse_kl_weight": 0.5, "topk_weight": 0.5, "hidden_weight": 0.1,
+                                 "lm_weight": 0.001}, distill["losses"]
+    assert distill["curves"] == "curves.png" and distill["metrics"] == "distill_metrics.jsonl"
+    assert report["export_check"]["final"]["max_abs_logit_diff"] == 0.0, report["export_check"]
+    md = (out / "report.md").read_text()
+    assert "distilled" in md and "curves.png" in md and "Export check (final/)" in md, md
+
+
+def test_model_card_names_teacher_recipe_plan_budget_and_eval(reference):
+    card = (reference.out / "final" / "README.md").read_text()
+    report, ev = reference.report, reference.report["eval"]
+    tokens = STEPS * GLOBAL_BATCH * SEQ
+    for needle in (f"Teacher: {report['model']}", f"recipe `{RECIPE}`", "pruning_plan.json",
+                   f"Distillation token budget: {tokens:,}", "pruned and distilled", "library_name: transformers",
+                   f"{ev['pruned']['kl_to_teacher']:,.4f}", f"{ev['final']['kl_to_teacher']:,.4f}",
+                   f"{ev['teacher']['perplexity']:,.2f}", f"{ev['final']['perplexity']:,.2f}", "Removed layers"):
+        assert needle in card, f"{needle!r} not in the model card:\n{card}"
+
+
+def test_stock_transformers_reloads_final_with_the_trained_weights(reference):
+    """final/ holds exactly the last checkpoint's student: same tensors, identical logits (max diff 0)."""
+    out = reference.out
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    c = reloaded.config
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (24, 32, 3), c
+
+    checkpoint = out / "distill_ckpt" / (out / "distill_ckpt" / "latest").read_text().strip()
+    assert json.loads((checkpoint / "state.json").read_text())["step"] == STEPS
+    student_state = {k.removeprefix("model."): v for k, v in load_file(str(checkpoint / "model.safetensors")).items()
+                     if k.startswith("model.")}  # the Student wrapper also holds `projection.weight`
+    student = AutoModelForCausalLM.from_pretrained(out / "pruned").eval()
+    student.load_state_dict(student_state, strict=True)
+    exported, pruned = weights(out / "final"), weights(out / "pruned")
+    assert exported.keys() == student_state.keys() == pruned.keys()
+    assert [k for k in exported if not torch.equal(exported[k], student_state[k])] == []
+    assert [k for k in exported if torch.equal(exported[k], pruned[k])] == [], "distillation left tensors untouched"
+
+    ids = torch.randint(2, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (reloaded(input_ids=ids).logits - student(input_ids=ids).logits).abs().max()
+    assert float(diff) == reference.report["export_check"]["final"]["max_abs_logit_diff"] == 0.0
+
+
+def test_distillation_reduces_kl_to_the_teacher(reference):
+    ev = reference.report["eval"]
+    pruned, final = ev["pruned"]["kl_to_teacher"], ev["final"]["kl_to_teacher"]
+    assert final < 0.8 * pruned, f"held-out KL to the teacher: pruned {pruned:.5f} -> distilled {final:.5f}"
+    evals = [r["eval_kl"] for r in metrics(reference.out) if "eval_kl" in r]
+    assert evals[-1] < evals[0], evals
+
+
+# -- Hub upload --------------------------------------------------------------------------------------------------
+def test_push_to_hub_uploads_every_file_of_final_byte_identical(reference):
+    hub, final = reference.hub, reference.out / "final"
+    local = {p.name: p.read_bytes() for p in final.iterdir() if p.is_file()}
+    uploaded = hub.repos["me/tiny"]
+    assert sorted(uploaded) == sorted(local)
+    assert [name for name in local if uploaded[name] != local[name]] == []
+    assert any(name.endswith(".safetensors") for name in uploaded)
+    assert hub.unhandled == [], f"the client called endpoints the stand-in lacks: {hub.unhandled}"
+    assert hub.authorization == {"Bearer dummy"}  # HF_TOKEN, and nothing else
+    assert [c["visibility"] for c in hub.created] == ["private"]  # export.private defaults to true
+    assert {c["summary"] for c in hub.commits} == {f"llmprune {RECIPE}"}
+    pushed = reference.report["hub"]
+    assert pushed["repo_id"] == "me/tiny" and pushed["url"] == f"{hub.url}/me/tiny", pushed
+    assert pushed["commit"] == hub.commits[-1]["oid"], (pushed, hub.commits)
+    assert f"Pushed to {hub.url}/me/tiny" in (reference.out / "report.md").read_text()
+
+
+# -- exact resume ---------------------------------------------------------------------------------------------------
+def test_sigkilled_run_resumes_to_the_same_weights_as_an_uninterrupted_one(reference, tmp_path):
+    out = tmp_path / "killed"
+    args = overrides(reference.model_dir, out)
+    command = [sys.executable, "-m", "llmprune", f"recipe={RECIPE}", *args]
+    latest = out / "distill_ckpt" / "latest"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(command, cwd=tmp_path, env=env(), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        try:
+            while not latest.exists():
+                assert proc.poll() is None, (f"exited {proc.returncode} before its first checkpoint:\n"
+                                             f"{(tmp_path / 'killed.log').read_text()[-3000:]}")
+                assert time.monotonic() < deadline, "no checkpoint within 300 s"
+                time.sleep(0.005)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=60)
+    killed_at = latest.read_text()
+    assert proc.returncode == -signal.SIGKILL, proc.returncode
+    assert not (out / "final").exists() and int(killed_at.removeprefix("step_")) < STEPS, \
+        f"the run finished before it was killed ({killed_at}): nothing would be resumed"
+
+    resumed = llmprune_cli(args, tmp_path, env())
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "distill: resuming from" in resumed.stderr, resumed.stderr[-4000:]
+    expected, got = weights(reference.out / "final"), weights(out / "final")
+    assert expected.keys() == got.keys()
+    different = [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert different == [], f"killed at {killed_at}: {len(different)} tensors differ, e.g. {different[:3]}"
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(metrics(out)) == strip(metrics(reference.out)), f"killed at {killed_at}"
+    assert hidden_files(out) == []
+
+
+def test_checkpoint_of_other_settings_is_refused(reference, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(reference.out, out)
+    with pytest.raises(ConfigError) as err:
+        llmprune.run(RECIPE, overrides(reference.model_dir, out, **{"distill.lr": 5e-4}))
+    message = str(err.value)
+    assert str(out / "distill_ckpt") in message and "other settings" in message, message
+    assert "choose a new output_dir" in message, message
+
+
+# -- torchrun -------------------------------------------------------------------------------------------------------
+def test_torchrun_two_processes_match_one(reference, tmp_path):
+    """2 CPU processes (gloo, micro batch 2 each) against the 1-process reference (micro batch 2, 2 accumulation
+    steps): the same plan, and the same trajectory within DDP_RTOL."""
+    out = tmp_path / "ddp"
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    result = llmprune_cli(overrides(reference.model_dir, out), tmp_path, env(), launcher)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    plan_1, plan_2 = (PruningPlan.from_json((d / "plan.json").read_text()) for d in (reference.out, out))
+    assert plan_2.fingerprint() == plan_1.fingerprint()
+    assert (plan_2.kept_layers, plan_2.hidden, plan_2.ffn) == (plan_1.kept_layers, plan_1.hidden, plan_1.ffn)
+
+    one, two = metrics(reference.out), metrics(out)
+    assert [r["step"] for r in two] == list(range(1, STEPS + 1)), "rank 0 alone writes the metrics"
+    worst = 0.0
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys(), (a, b)
+        for key in sorted(set(a) - {"seconds"}):
+            rel = abs(a[key] - b[key]) / max(abs(a[key]), 1e-12)
+            assert rel <= DDP_RTOL, f"step {a['step']} {key}: 1 process {a[key]!r}, 2 processes {b[key]!r}"
+            worst = max(worst, rel)
+    print(f"\ntorchrun vs 1 process: max relative difference {worst:.2e} (tolerance {DDP_RTOL:.0e})")
+    w1, w2 = weights(reference.out / "final"), weights(out / "final")
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) <= 1e-5
+
+    # one run directory, written by rank 0; logs, progress bars and the merged config once
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.out.iterdir())
+    assert hidden_files(out) == []
+    report = json.loads((out / "report.json").read_text())
+    assert report["eval"]["final"]["kl_to_teacher"] == pytest.approx(reference.report["eval"]["final"]["kl_to_teacher"],
+                                                                       rel=DDP_RTOL)
+    logs = result.stderr.replace("\r", "\n")
+    assert logs.count("[llmprune] stage: distill") == 1, logs[-3000:]
+    assert logs.count(f"recipe: {RECIPE}") == 1  # the merged config
+    bars = reference.stderr.replace("\r", "\n").count("Loading weights:   0%")
+    assert logs.count("Loading weights:   0%") == bars, "transformers' loading bar printed by rank 1 too"
+    assert logs.count(f"| 0/{STEPS} [00:00<?, ?it/s]") == 1, "one distillation progress bar"
+
+
+# -- teacher correction -------------------------------------------------------------------------------------------
+def test_teacher_correction_fine_tunes_the_teacher_first(reference, tmp_path):
+    out = tmp_path / "corrected"
+    correction = {"distill.teacher_correction_steps": 4, "distill.teacher_correction_lr": 1e-3,
+                  "distill.max_steps": 2, "distill.eval_every": 2}
+    report = llmprune.run(RECIPE, overrides(reference.model_dir, out, **correction))
+    rows = metrics(out, "correct")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(set(r) >= {"lm", "lr", "loss"} for r in rows), rows
+    assert rows[0]["lr"] == pytest.approx(1e-3 * lr_factor(0, 4, 4, 0.1))
+    assert (out / "correct_ckpt" / "latest").exists() and len(metrics(out)) == 2
+    assert list(report["timings_s"])[:4] == ["load", "data", "correct_teacher", "calibrate"]
+    # the teacher changed: its held-out loss (same text as the reference run's) moved
+    before, after = reference.report["eval"]["teacher"]["loss"], report["eval"]["teacher"]["loss"]
+    assert abs(after - before) > 1e-3, (before, after)
+    assert math.isfinite(report["eval"]["final"]["kl_to_teacher"])
+
+    # other correction settings: the scores and the correction checkpoint of this teacher are not reused silently
+    with pytest.raises(ConfigError, match="correct_ckpt holds a checkpoint of a run with other settings"):
+        llmprune.run(RECIPE, overrides(reference.model_dir, out, **{**correction,
+                                                                    "distill.teacher_correction_lr": 5e-4}))
