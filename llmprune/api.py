@@ -46,7 +46,7 @@ def compute_scores(model, calib_data, tokenizer=None, *, export_config: dict | N
 def prune(model, mode: str = "minitron", export_config: dict | None = None, calib_data=None, tokenizer=None, *,
           scores: dict[str, torch.Tensor] | None = None, importance: str = "activation",
           depth_method: str = "drop_one", depth_metric: str = "lm_loss", depth_samples: int = 8,
-          seq_len: int = 256, batch_size: int = 4, rescale_norms: bool = False,
+          seq_len: int = 256, batch_size: int = 4, rescale_norms: bool = True,
           seed: int = 0) -> tuple[torch.nn.Module, PruningPlan]:
     """Prune a Hugging Face causal LM in place with Minitron and return it with its plan.
 

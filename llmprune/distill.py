@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from contextlib import nullcontext
 from functools import lru_cache
@@ -22,7 +24,7 @@ from torch import nn
 from llmprune import losses
 from llmprune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from llmprune.config import ConfigError
-from llmprune.distributed import all_reduce_sum, is_distributed, is_rank_zero, rank, world_size
+from llmprune.distributed import all_reduce_sum, barrier, is_distributed, is_rank_zero, rank, world_size
 from llmprune.progress import log, progress
 
 
@@ -131,6 +133,22 @@ def lm_only_loss(module: nn.Module, ids: torch.Tensor):
     return loss, {"lm": loss.detach()}
 
 
+def checkpoint_fingerprint(checkpoint: Path) -> str | None:
+    return json.loads((checkpoint / "state.json").read_text()).get("fingerprint")
+
+
+def set_aside(ckpt_dir: Path, metrics_path: Path) -> None:
+    """Move a stale run's checkpoints and metrics to *.previous (replacing an older set-aside run)."""
+    if is_rank_zero():
+        for path, target in ((ckpt_dir, ckpt_dir.with_name(f"{ckpt_dir.name}.previous")),
+                             (metrics_path, metrics_path.with_name(f"{metrics_path.stem}.previous.jsonl"))):
+            if path.exists():
+                if target.is_dir():
+                    shutil.rmtree(target)
+                os.replace(path, target)
+    barrier()
+
+
 def _read_metrics(path: Path, upto_step: int) -> list[dict]:
     if not path.exists():
         return []
@@ -138,6 +156,7 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict]:
     return [r for r in rows if r["step"] <= upto_step]
 
 
+@torch.enable_grad()  # callers may hold no_grad (e.g. an evaluation context); training needs gradients
 def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: Path, name: str, fingerprint: str,
           evaluate_fn=None, seed: int = 0) -> list[dict]:
     """Train `module` on packed `windows` (N, S); checkpoints in run_dir/<name>_ckpt, metrics in <name>_metrics.jsonl.
@@ -146,7 +165,8 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
         compute_loss: (module, input_ids) -> (loss, {part: tensor}).
         cfg: max_steps, micro_batch_size, global_batch_size, lr, min_lr_ratio, warmup_steps, weight_decay,
             max_grad_norm, precision, eval_every, save_every, keep_checkpoints (DistillConfig).
-        fingerprint: identifies the run's inputs; a checkpoint with another fingerprint is refused.
+        fingerprint: identifies the run's inputs; checkpoints with another fingerprint (a new target in the same
+            output_dir, changed settings) are moved to <name>_ckpt.previous and training starts over.
         evaluate_fn: () -> {metric: value}, called every eval_every steps and at the end.
 
     Returns:
@@ -162,11 +182,14 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
     start = 0
     checkpoint = latest_checkpoint(ckpt_dir)
+    if checkpoint is not None and checkpoint_fingerprint(checkpoint) != fingerprint:
+        set_aside(ckpt_dir, metrics_path)
+        log.warning(f"{name}: {ckpt_dir} came from other settings (another plan or {name} config); starting over. "
+                    f"Its checkpoints and metrics moved to {ckpt_dir.name}.previous / {metrics_path.stem}.previous"
+                    ".jsonl.")
+        checkpoint = None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, module, optimizer, scheduler)
-        if state.get("fingerprint") != fingerprint:
-            raise ConfigError(f"{ckpt_dir} holds a checkpoint of a run with other settings; resume with the same "
-                              "config, or choose a new output_dir (or delete that directory to start over).")
         start = state["step"]
         log.info(f"{name}: resuming from {checkpoint} (step {start} of {cfg.max_steps})")
     history = _read_metrics(metrics_path, start)

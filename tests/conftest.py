@@ -116,7 +116,9 @@ def save_tiny(family: str, path, **overrides) -> str:
 
 
 # -- shared by the recipe, CLI, data and export tiers ---------------------------------------------------------------
-TINY_DATA = ("data.num_samples=4", "data.eval_samples=2", "data.seq_len=32", "data.batch_size=2")
+TINY_DATA = ("data.num_samples=4", "data.eval_samples=2", "data.seq_len=32", "data.batch_size=2",
+             "distill.max_steps=2", "distill.micro_batch_size=2", "distill.global_batch_size=2",
+             "distill.eval_every=1", "distill.save_every=2", "distill.warmup_steps=1")
 
 
 def tiny_run_overrides(model_dir, out_dir, *extra: str) -> list[str]:

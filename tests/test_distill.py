@@ -374,14 +374,16 @@ def test_sigkilled_run_resumes_to_the_same_weights_as_an_uninterrupted_one(refer
     assert hidden_files(out) == []
 
 
-def test_checkpoint_of_other_settings_is_refused(reference, tmp_path):
+def test_checkpoint_of_other_settings_is_set_aside_not_resumed(reference, tmp_path):
+    """Another distill config in the same output_dir (e.g. re-targeting) starts over; the old run is kept aside."""
     out = tmp_path / "copy"
     shutil.copytree(reference.out, out)
-    with pytest.raises(ConfigError) as err:
-        llmprune.run(RECIPE, overrides(reference.model_dir, out, **{"distill.lr": 5e-4}))
-    message = str(err.value)
-    assert str(out / "distill_ckpt") in message and "other settings" in message, message
-    assert "choose a new output_dir" in message, message
+    old_latest = (out / "distill_ckpt" / "latest").read_text()
+    report = llmprune.run(RECIPE, overrides(reference.model_dir, out, **{"distill.lr": 5e-4}))
+    assert (out / "distill_ckpt.previous" / "latest").read_text() == old_latest
+    assert len(metrics(out)) == STEPS and metrics(out)[0]["lr"] != metrics(reference.out)[0]["lr"]
+    assert (out / "distill_metrics.previous.jsonl").read_text() == (reference.out / "distill_metrics.jsonl").read_text()
+    assert report["distill"]["steps"] == STEPS
 
 
 # -- torchrun -------------------------------------------------------------------------------------------------------
@@ -440,7 +442,7 @@ def test_teacher_correction_fine_tunes_the_teacher_first(reference, tmp_path):
     assert abs(after - before) > 1e-3, (before, after)
     assert math.isfinite(report["eval"]["final"]["kl_to_teacher"])
 
-    # other correction settings: the scores and the correction checkpoint of this teacher are not reused silently
-    with pytest.raises(ConfigError, match="correct_ckpt holds a checkpoint of a run with other settings"):
-        llmprune.run(RECIPE, overrides(reference.model_dir, out, **{**correction,
-                                                                    "distill.teacher_correction_lr": 5e-4}))
+    # other correction settings: the correction checkpoint of this teacher is not resumed (set aside instead)
+    llmprune.run(RECIPE, overrides(reference.model_dir, out, **{**correction, "distill.teacher_correction_lr": 5e-4}))
+    assert (out / "correct_ckpt.previous" / "latest").exists()
+    assert metrics(out, "correct")[0]["lr"] == pytest.approx(5e-4 * lr_factor(0, 4, 4, 0.1))

@@ -246,7 +246,7 @@ def target_overrides(recipe: str, targets: dict) -> list[str]:
 def test_recipe_composes(recipe):
     cfg = llmprune.load_config(recipe)
     assert cfg.recipe == recipe and cfg.model.path == RECIPES[recipe][1]
-    assert cfg.output_dir == f"outputs/{recipe}" and cfg.distill.max_steps == 0
+    assert cfg.output_dir == f"outputs/{recipe}" and cfg.distill.max_steps > 0
     assert any(v is not None for v in cfg.prune.export_config.values())
 
 

@@ -296,6 +296,7 @@ def test_magnitude_is_the_norm_of_the_weights_a_unit_owns():
         owners += [lay.self_attn.q_proj.weight[:, c], lay.self_attn.k_proj.weight[:, c],
                    lay.self_attn.v_proj.weight[:, c], lay.self_attn.o_proj.weight[c], lay.mlp.gate_proj.weight[:, c],
                    lay.mlp.up_proj.weight[:, c], lay.mlp.down_proj.weight[c]]
+    owners.append(model.lm_head.weight[:, c])  # untied: the LM head reads the channel too
     assert scores["hidden"][c].item() == pytest.approx(torch.cat(owners).norm().item(), rel=1e-5)
 
 

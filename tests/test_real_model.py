@@ -66,7 +66,7 @@ def test_stock_reload_has_pruned_shapes_and_matches(smollm2_run, reloaded):
     assert model.model.layers[0].mlp.down_proj.weight.shape == (448, 1024)
     assert model.model.layers[0].self_attn.q_proj.weight.shape == (9 * 64, 448)
     assert sum(p.numel() for p in model.parameters()) == 83_978_944
-    assert report["export_check"]["max_abs_logit_diff"] < 1e-4
+    assert report["export_check"]["pruned"]["max_abs_logit_diff"] < 1e-4
     assert type(model).__name__ in report["architecture_written"]
     assert "quantization_config" not in json.loads((run_dir / "pruned" / "config.json").read_text())
     ids = tokenizer("def add(a, b):\n    return", return_tensors="pt").input_ids

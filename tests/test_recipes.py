@@ -34,7 +34,7 @@ RECIPES = {
     "llama31_minitron_4b_width": ("llama", {"hidden_size": 36, "ffn_hidden_size": 48}),
     "llama31_minitron_4b_depth": ("llama", {"num_layers": 2}),
 }
-STAGES = ("load", "data", "calibrate", "plan", "prune", "evaluate", "export")
+STAGES = ("load", "data", "calibrate", "plan", "prune", "evaluate_pruned", "export_pruned", "distill", "export_final")
 
 
 def target_overrides(recipe: str, targets: dict) -> list[str]:
@@ -58,7 +58,7 @@ def test_recipe_composes(recipe):
     cfg = llmprune.load_config(recipe)
     assert cfg.recipe == recipe
     assert cfg.output_dir == f"outputs/{recipe}"  # base.yaml's interpolation resolved with the recipe name
-    assert cfg.distill.max_steps == 0
+    assert cfg.distill.max_steps > 0, "every recipe distills the pruned student"
     assert any(v is not None for v in cfg.prune.export_config.values()), "a recipe must set a target"
     expected_model = {"smollm2": "embedded:smollm2", "qwen3": "Qwen/Qwen3-8B", "llama31": "meta-llama/Llama-3.1-8B"}
     assert cfg.model.path == expected_model[recipe.split("_minitron")[0]]
@@ -117,9 +117,13 @@ def test_recipe_runs_end_to_end_on_tiny_model(recipe, tiny_model_dirs, tmp_path)
         assert needle in md, f"{needle!r} not in report.md:\n{md}"
     card = (pruned / "README.md").read_text()
     assert "library_name: transformers" in card and f"`{recipe}`" in card, card
+    final = out / "final"
+    assert (final / "config.json").is_file() and list(final.glob("*.safetensors")), sorted(out.iterdir())
+    assert math.isfinite(report["eval"]["final"]["perplexity"]) and report["distill"]["steps"] == 2
+    assert report["export_check"]["final"]["max_abs_logit_diff"] < 1e-4, report["export_check"]
 
     # stock transformers reloads the pruned shapes and generates
-    model = AutoModelForCausalLM.from_pretrained(pruned).eval()
+    model = AutoModelForCausalLM.from_pretrained(final).eval()
     c = model.config
     assert (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.num_hidden_layers) == (
         expected["hidden_size"], expected["ffn_hidden_size"], expected["num_attention_heads"],
@@ -130,8 +134,8 @@ def test_recipe_runs_end_to_end_on_tiny_model(recipe, tiny_model_dirs, tmp_path)
     assert layer.self_attn.k_proj.weight.shape == (expected["num_query_groups"] * 8, expected["hidden_size"])
     assert len(model.model.layers) == expected["num_layers"]
     assert sum(p.numel() for p in model.parameters()) == report["params"]["after"]
-    assert report["export_check"]["max_abs_logit_diff"] < 1e-4, report["export_check"]
-    tokenizer = AutoTokenizer.from_pretrained(pruned)
+    assert report["export_check"]["pruned"]["max_abs_logit_diff"] < 1e-4, report["export_check"]
+    tokenizer = AutoTokenizer.from_pretrained(final)
     ids = tokenizer("def f(x):", return_tensors="pt").input_ids
     generated = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                                pad_token_id=tokenizer.pad_token_id)
