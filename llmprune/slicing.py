@@ -83,3 +83,21 @@ def slice_depthwise_conv1d(conv: nn.Conv1d, idx) -> nn.Conv1d:
     if conv.bias is not None:
         new.bias = slice_parameter(conv.bias, idx)
     return new
+
+
+@torch.no_grad()
+def slice_vocab_ends(model: nn.Module, final_norm: nn.Module, hidden, rescale_from: int | None = None) -> None:
+    """Input embeddings, the final norm and the LM head (tied or not) keep hidden channels `hidden`, in place.
+
+    Uses the Hugging Face accessors (get/set_input_embeddings, get/set_output_embeddings), so it serves every family.
+    """
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head.weight is embed.weight
+    model.set_input_embeddings(slice_embedding(embed, hidden))
+    slice_rmsnorm(final_norm, hidden, rescale_from)
+    if tied:
+        new_head = nn.Linear(len(hidden), head.out_features, bias=False, device="meta")
+        new_head.weight = model.get_input_embeddings().weight
+    else:
+        new_head = slice_linear(head, None, hidden)
+    model.set_output_embeddings(new_head)

@@ -85,6 +85,17 @@ def tiny_batch(n: int = 2, seq: int = 16, vocab: int = 128, seed: int = 1) -> to
     return torch.randint(2, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run faster on one thread (thread hand-off costs more than it saves, far more on a busy host).
+
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`; the real model keeps two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=list(FAMILIES))
 def family(request) -> str:
     return request.param

@@ -14,13 +14,7 @@ from llmprune.plan import PlanError
 TARGETS = {"hidden_size": 32, "ffn_hidden_size": 48, "num_attention_heads": 4, "num_layers": 3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run faster on one thread (thread hand-off costs more than it saves, far more on a busy host)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def calib() -> torch.Tensor:

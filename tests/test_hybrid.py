@@ -31,12 +31,7 @@ from llmprune.plan import PlanError, PruningPlan, make_plan
 MLP_LAYERS, ATTENTION_LAYERS, MAMBA_LAYERS = [1, 3], [2, 5], [0, 4]  # HYBRID_PATTERN: M - * - M *
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def skipping(model, removed: list[int]):

@@ -20,13 +20,7 @@ from llmprune.importance import activation_scores
 RAW_PREFIXES = ("ffn.", "attn.", "hidden.")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run faster on one thread (thread hand-off costs more than it saves, far more on a busy host)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def assert_scores_close(actual: dict, expected: dict, names, rtol: float = 1e-5, atol: float = 1e-6) -> None:

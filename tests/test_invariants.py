@@ -21,13 +21,7 @@ from llmprune.plan import make_plan
 HIDDEN_NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run faster on one thread (thread hand-off costs more than it saves, far more on a busy host)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def logits_of(model, ids: torch.Tensor) -> torch.Tensor:

@@ -33,12 +33,7 @@ from llmprune.plan import TARGET_KEYS, PlanError, make_plan, resolve_targets
 HEADS, HEAD_DIM, GROUPS, STATE, INNER = 12, 8, 2, 8, 96  # tiny_ssm_config: 6 heads per group
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(params=["mamba2", "nemotron_h"])

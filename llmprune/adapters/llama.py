@@ -13,7 +13,7 @@ from torch import nn
 
 from llmprune.adapters.base import Site, derive_attention_and_hidden_scores
 from llmprune.plan import PruningPlan
-from llmprune.slicing import slice_embedding, slice_linear, slice_rmsnorm
+from llmprune.slicing import slice_linear, slice_rmsnorm, slice_vocab_ends
 
 
 def _rows(units: list[int], size: int) -> list[int]:
@@ -112,7 +112,6 @@ class LlamaAdapter:
         per_group = d["num_attention_heads"] // d["num_query_groups"]
         hidden = plan.hidden
         backbone = self.model.model
-        tied = self.model.lm_head.weight is backbone.embed_tokens.weight
         kept = nn.ModuleList(self.layers[i] for i in plan.kept_layers)
         for new_idx, (old_idx, layer) in enumerate(zip(plan.kept_layers, kept)):
             attn, mlp = layer.self_attn, layer.mlp
@@ -144,13 +143,7 @@ class LlamaAdapter:
                 layer.hidden_size = t["hidden_size"]
         backbone.layers = kept
         if hidden is not None:
-            backbone.embed_tokens = slice_embedding(backbone.embed_tokens, hidden)
-            slice_rmsnorm(backbone.norm, hidden, d["hidden_size"] if plan.rescale_norms else None)
-            if tied:
-                self.model.lm_head = nn.Linear(t["hidden_size"], d["vocab_size"], bias=False, device="meta")
-                self.model.lm_head.weight = backbone.embed_tokens.weight
-            else:
-                self.model.lm_head = slice_linear(self.model.lm_head, None, hidden)
+            slice_vocab_ends(self.model, backbone.norm, hidden, d["hidden_size"] if plan.rescale_norms else None)
         self._rewrite_config(plan)
 
     @staticmethod

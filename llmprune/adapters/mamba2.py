@@ -23,7 +23,7 @@ from llmprune.adapters.mamba_mixer import (
     x_channels,
 )
 from llmprune.plan import PlanError, PruningPlan
-from llmprune.slicing import slice_embedding, slice_linear, slice_rmsnorm
+from llmprune.slicing import slice_rmsnorm, slice_vocab_ends
 
 
 def check_expand(config, target: dict[str, int]) -> int:
@@ -122,7 +122,6 @@ class Mamba2Adapter:
         rescale = plan.rescale_norms
         eps_scale = d["hidden_size"] / t["hidden_size"] if hidden is not None and rescale else 1.0
         backbone = self.backbone
-        tied = self.model.lm_head.weight is backbone.embeddings.weight
         kept = nn.ModuleList(self.layers[i] for i in plan.kept_layers)
         for new_idx, (old_idx, layer) in enumerate(zip(plan.kept_layers, kept)):
             layer.layer_idx = layer.mixer.layer_idx = new_idx  # cache slot
@@ -132,13 +131,7 @@ class Mamba2Adapter:
                 slice_rmsnorm(layer.norm, hidden, d["hidden_size"] if rescale else None)
         backbone.layers = kept
         if hidden is not None:
-            backbone.embeddings = slice_embedding(backbone.embeddings, hidden)
-            slice_rmsnorm(backbone.norm_f, hidden, d["hidden_size"] if rescale else None)
-            if tied:
-                self.model.lm_head = nn.Linear(t["hidden_size"], d["vocab_size"], bias=False, device="meta")
-                self.model.lm_head.weight = backbone.embeddings.weight
-            else:
-                self.model.lm_head = slice_linear(self.model.lm_head, None, hidden)
+            slice_vocab_ends(self.model, backbone.norm_f, hidden, d["hidden_size"] if rescale else None)
         self.rewrite_config(self.config, t, plan.kept_layers, eps_scale)
 
     @staticmethod

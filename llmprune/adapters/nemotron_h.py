@@ -27,7 +27,7 @@ from llmprune.adapters.mamba_mixer import (
 )
 from llmprune.config import ConfigError
 from llmprune.plan import PruningPlan
-from llmprune.slicing import head_rows, slice_embedding, slice_linear, slice_rmsnorm
+from llmprune.slicing import head_rows, slice_linear, slice_rmsnorm, slice_vocab_ends
 
 MAMBA, ATTENTION, MLP = "linear_attention", "full_attention", "mlp"  # transformers' layers_block_type names
 log = logging.getLogger("llmprune")
@@ -153,7 +153,6 @@ class NemotronHAdapter:
                         "generate() with a cache (DynamicCache.get_seq_length needs an attention layer); forward "
                         "passes and generate(use_cache=False) work. Keep an attention layer to avoid this.")
         backbone = self.backbone
-        tied = self.model.lm_head.weight is backbone.embeddings.weight
         kept = nn.ModuleList(self.layers[i] for i in plan.kept_layers)
         for new_idx, (old_idx, layer) in enumerate(zip(plan.kept_layers, kept)):
             kind, m = types[old_idx], layer.mixer
@@ -184,13 +183,7 @@ class NemotronHAdapter:
                 slice_rmsnorm(layer.norm, hidden, d["hidden_size"] if rescale else None)
         backbone.layers = kept
         if hidden is not None:
-            backbone.embeddings = slice_embedding(backbone.embeddings, hidden)
-            slice_rmsnorm(backbone.norm_f, hidden, d["hidden_size"] if rescale else None)
-            if tied:
-                self.model.lm_head = nn.Linear(t["hidden_size"], d["vocab_size"], bias=False, device="meta")
-                self.model.lm_head.weight = backbone.embeddings.weight
-            else:
-                self.model.lm_head = slice_linear(self.model.lm_head, None, hidden)
+            slice_vocab_ends(self.model, backbone.norm_f, hidden, d["hidden_size"] if rescale else None)
         self.rewrite_config(self.config, t, plan.kept_layers, eps_scale)
 
     @staticmethod
