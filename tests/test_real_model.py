@@ -17,7 +17,8 @@ from llmprune.plan import PruningPlan
 
 pytestmark = pytest.mark.slow
 
-SMALL_DATA = ["data.num_samples=8", "data.eval_samples=4", "data.seq_len=128"]
+SMALL_DATA = ["data.num_samples=8", "data.eval_samples=4", "data.seq_len=128",
+              "distill.max_steps=4", "distill.warmup_steps=1", "distill.eval_every=4"]  # the real bf16 path, briefly
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +82,13 @@ def test_generate(reloaded):
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     assert out.shape == (1, ids.shape[1] + 5)
     assert isinstance(tokenizer.decode(out[0, ids.shape[1]:]), str)
+
+
+def test_short_distillation_of_the_real_model_exports_final(smollm2_run):
+    run_dir, report = smollm2_run
+    assert report["distill"]["steps"] == 4 and report["distill"]["tokens"] == 4 * 4 * 128
+    final_eval = report["eval"]["final"]
+    assert math.isfinite(final_eval["perplexity"]) and final_eval["kl_to_teacher"] > 0
+    assert report["export_check"]["final"]["max_abs_logit_diff"] < 1e-4
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    assert sum(p.numel() for p in model.parameters()) == 83_978_944
