@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 
 import pytest
 import torch
@@ -276,6 +277,14 @@ def test_recipe_runs_end_to_end_on_tiny_model(recipe, tiny_ssm_dirs, tmp_path):
     generated = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                                pad_token_id=tokenizer.pad_token_id)
     assert generated.shape == (1, ids.shape[1] + 4)
+
+    # distillation ran for these families too: final/ holds the distilled student, stock-loadable, same shapes
+    assert report["distill"]["steps"] == 2 and math.isfinite(report["eval"]["final"]["kl_to_teacher"])
+    final = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    assert report["export_check"]["final"]["max_abs_logit_diff"] < 1e-4
+    assert get_adapter(final).dims() == get_adapter(model).dims()
+    trained = dict(final.named_parameters())
+    assert any(not torch.equal(p, trained[n]) for n, p in model.named_parameters()), "distillation changed nothing"
 
 
 def test_bad_targets_fail_before_calibration(tiny_ssm_dirs, tiny_model_dirs, tmp_path):
