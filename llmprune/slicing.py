@@ -72,6 +72,19 @@ def head_rows(units: list[int], size: int) -> list[int]:
 
 
 @torch.no_grad()
+def slice_gqa_attention(attn: nn.Module, heads, groups, head_dim: int, hidden, heads_per_group: int) -> None:
+    """Keep query heads `heads`, KV heads `groups` and hidden channels `hidden` (None keeps all) of an attention
+    module with head-major q/k/v/o_proj (transformers' layout), in place."""
+    q_rows = head_rows(heads, head_dim) if heads is not None else None
+    kv_rows = head_rows(groups, head_dim) if groups is not None else None
+    attn.q_proj = slice_linear(attn.q_proj, q_rows, hidden)
+    attn.k_proj = slice_linear(attn.k_proj, kv_rows, hidden)
+    attn.v_proj = slice_linear(attn.v_proj, kv_rows, hidden)
+    attn.o_proj = slice_linear(attn.o_proj, hidden, q_rows)
+    attn.num_key_value_groups = heads_per_group
+
+
+@torch.no_grad()
 def slice_depthwise_conv1d(conv: nn.Conv1d, idx) -> nn.Conv1d:
     """A new depthwise Conv1d (groups == channels) keeping channels `idx`; each channel owns its own filter."""
     assert conv.groups == conv.in_channels == conv.out_channels, (conv.groups, conv.in_channels, conv.out_channels)

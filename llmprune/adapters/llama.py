@@ -13,12 +13,7 @@ from torch import nn
 
 from llmprune.adapters.base import Site, derive_attention_and_hidden_scores
 from llmprune.plan import PruningPlan
-from llmprune.slicing import slice_linear, slice_rmsnorm, slice_vocab_ends
-
-
-def _rows(units: list[int], size: int) -> list[int]:
-    """Rows of a head-major projection that belong to the kept heads (each head owns `size` rows)."""
-    return [u * size + j for u in units for j in range(size)]
+from llmprune.slicing import slice_gqa_attention, slice_linear, slice_rmsnorm, slice_vocab_ends
 
 
 class LlamaAdapter:
@@ -118,13 +113,7 @@ class LlamaAdapter:
             attn.layer_idx = new_idx  # KV-cache slot
             heads = plan.heads[old_idx] if plan.heads else None
             groups = plan.groups[old_idx] if plan.groups else None
-            q_rows = _rows(heads, hd) if heads is not None else None
-            kv_rows = _rows(groups, hd) if groups is not None else None
-            attn.q_proj = slice_linear(attn.q_proj, q_rows, hidden)
-            attn.k_proj = slice_linear(attn.k_proj, kv_rows, hidden)
-            attn.v_proj = slice_linear(attn.v_proj, kv_rows, hidden)
-            attn.o_proj = slice_linear(attn.o_proj, hidden, q_rows)
-            attn.num_key_value_groups = t["num_attention_heads"] // t["num_query_groups"]
+            slice_gqa_attention(attn, heads, groups, hd, hidden, t["num_attention_heads"] // t["num_query_groups"])
             assert heads is None or len(heads) // len(groups) == attn.num_key_value_groups <= per_group, (heads, groups)
             ffn = plan.ffn[old_idx] if plan.ffn else None
             mlp.gate_proj = slice_linear(mlp.gate_proj, ffn, hidden)

@@ -27,7 +27,7 @@ from llmprune.adapters.mamba_mixer import (
 )
 from llmprune.config import ConfigError
 from llmprune.plan import PruningPlan
-from llmprune.slicing import head_rows, slice_linear, slice_rmsnorm, slice_vocab_ends
+from llmprune.slicing import slice_gqa_attention, slice_linear, slice_rmsnorm, slice_vocab_ends
 
 MAMBA, ATTENTION, MLP = "linear_attention", "full_attention", "mlp"  # transformers' layers_block_type names
 log = logging.getLogger("llmprune")
@@ -165,13 +165,7 @@ class NemotronHAdapter:
                 m.layer_idx = new_idx
                 heads = plan.heads[old_idx] if plan.heads else None
                 groups = plan.groups[old_idx] if plan.groups else None
-                q_rows = head_rows(heads, hd) if heads is not None else None
-                kv_rows = head_rows(groups, hd) if groups is not None else None
-                m.q_proj = slice_linear(m.q_proj, q_rows, hidden)
-                m.k_proj = slice_linear(m.k_proj, kv_rows, hidden)
-                m.v_proj = slice_linear(m.v_proj, kv_rows, hidden)
-                m.o_proj = slice_linear(m.o_proj, hidden, q_rows)
-                m.num_key_value_groups = t["num_attention_heads"] // t["num_query_groups"]
+                slice_gqa_attention(m, heads, groups, hd, hidden, t["num_attention_heads"] // t["num_query_groups"])
             else:
                 ffn = plan.ffn[old_idx] if plan.ffn else None
                 m.up_proj = slice_linear(m.up_proj, ffn, hidden)
