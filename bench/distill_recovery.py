@@ -1,13 +1,16 @@
-"""Usage: python bench/distill_recovery.py [--tokens 100000,300000] [--methods minitron,magnitude,random_init]
+"""Usage: python bench/distill_recovery.py [--tokens 100000,300000,1000000] [--methods minitron,magnitude,random_init]
 
 Recovery by distillation on SmolLM2-135M at the default width target (hidden 448, FFN 1024): held-out perplexity
-and KL to the teacher after pruning and after a fixed distillation token budget, for
+and KL to the teacher after pruning and after each distillation token budget, for
   minitron     activation importance (the default recipe's student),
   magnitude    the same shape pruned by weight magnitude,
   random_init  the same shape initialised at random,
-all distilled with the default recipe's loss and schedule (forward KL, AdamW 3e-4, warmup 10, cosine, 4 x 256
-tokens a step, bf16 autocast where the CPU has it) on the head of the embedded text; evaluation on the held-out
-tail. Writes bench/results/distill_recovery.{md,json}; a later run merges its rows with the recorded ones.
+all distilled with the default recipe's loss (forward KL, AdamW 3e-4, warmup 10, 4 x 256 tokens a step, bf16
+autocast where the CPU has it) on the head of the embedded text; evaluation on the held-out tail, which training
+never sees. One run per method lasts the largest budget (its cosine schedule spans that budget) and is evaluated
+when it passes each smaller one, so the 100K / 300K points are mid-schedule; `--per-budget` instead runs a full
+schedule per budget (3x the time). Runs checkpoint under --work-dir and resume when restarted.
+Writes bench/results/distill_recovery.{md,json}; a later run merges its rows with the recorded ones.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import argparse
 import copy
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +26,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine_info, setup  # noqa: E402
+from _common import RESULTS, CachedTeacher, machine_info, setup  # noqa: E402
 
 from llmprune.adapters import get_adapter  # noqa: E402
 from llmprune.api import prune  # noqa: E402
@@ -34,6 +36,7 @@ from llmprune.evaluate import evaluate  # noqa: E402
 
 TARGET = {"hidden_size": 448, "ffn_hidden_size": 1024}
 SEQ, BATCH = 256, 4
+TOKENS_PER_STEP = SEQ * BATCH
 
 
 def student_for(method: str, s) -> torch.nn.Module:
@@ -51,60 +54,87 @@ def student_for(method: str, s) -> torch.nn.Module:
     return student
 
 
-def distill(student, teacher, s, steps: int, eval_every: int) -> list[dict]:
+def distill(student, teacher, scorer, s, steps: int, eval_steps: set[int], run_dir: Path) -> list[dict]:
+    """Distill for `steps` (resuming from run_dir) and evaluate after each step in `eval_steps`."""
     cfg = SimpleNamespace(**{**vars(DistillConfig()), "max_steps": steps, "micro_batch_size": BATCH,
-                             "global_batch_size": BATCH, "lr": 3e-4, "warmup_steps": 10, "eval_every": eval_every,
-                             "save_every": steps, "keep_checkpoints": 1})
+                             "global_batch_size": BATCH, "lr": 3e-4, "warmup_steps": 10, "eval_every": 1,
+                             "save_every": 50, "keep_checkpoints": 1})
     student.requires_grad_(True)
+    done = {"step": 0}
 
-    def evaluate_fn():
-        r = evaluate(student, s.heldout, teacher=teacher)
+    def evaluate_fn(_trained):  # called after every step (eval_every=1); evaluates only at the budgets
+        done["step"] += 1
+        if done["step"] not in eval_steps:
+            return {}
+        r = evaluate(student, s.heldout, teacher=scorer)
         return {"eval_perplexity": r["perplexity"], "eval_kl": r["kl_to_teacher"]}
 
-    with tempfile.TemporaryDirectory() as tmp:
-        return train(Student(student), s.splits.train, distill_loss(teacher, cfg, ()), cfg, Path(tmp), "distill",
-                     "bench", evaluate_fn)
+    done["step"] = _resumed_step(run_dir)
+    return train(Student(student), s.splits.train, distill_loss(teacher, cfg, ()), cfg, run_dir, "distill",
+                 f"bench-{steps}", evaluate_fn, seed=0)
+
+
+def _resumed_step(run_dir: Path) -> int:
+    pointer = run_dir / "distill_ckpt" / "latest"
+    return int(pointer.read_text().strip().split("_")[1]) if pointer.exists() else 0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", default="100000", help="comma-separated token budgets (each a separate run)")
+    parser.add_argument("--tokens", default="100000,300000,1000000", help="comma-separated token budgets")
     parser.add_argument("--methods", default="minitron,magnitude,random_init")
+    parser.add_argument("--per-budget", action="store_true", help="a full schedule per budget instead of one run")
+    parser.add_argument("--work-dir", default="/tmp/llmprune-bench/distill_recovery", help="checkpoints (resume)")
     args = parser.parse_args()
-    budgets = [int(t) for t in args.tokens.split(",")]
+    budgets = sorted(int(t) for t in args.tokens.split(","))
+    steps_of = {b: max(1, round(b / TOKENS_PER_STEP)) for b in budgets}
     s = setup(eval_samples=32)
     teacher = s.model.requires_grad_(False)
+    scorer = CachedTeacher(teacher)  # the held-out teacher logits, computed once for every evaluation
     teacher_eval = evaluate(teacher, s.heldout)
     out_json = RESULTS / "distill_recovery.json"
     recorded = json.loads(out_json.read_text()) if out_json.exists() else {"rows": []}
-    rows = [r for r in recorded["rows"] if (r["method"], r["tokens"]) not in
-            {(m, b) for m in args.methods.split(",") for b in budgets}]
-    for method in args.methods.split(","):
-        for budget in budgets:
-            steps = max(1, round(budget / (SEQ * BATCH)))
+    methods = args.methods.split(",")
+    schedule = "per_budget" if args.per_budget else "one_run"
+    rows = [r for r in recorded["rows"] if not (r["method"] in methods and r["tokens"] in
+                                                {steps_of[b] * TOKENS_PER_STEP for b in budgets}
+                                                and r.get("schedule") == schedule)]
+    for method in methods:
+        runs = [[b] for b in budgets] if args.per_budget else [budgets]
+        for run_budgets in runs:
             student = student_for(method, s)
             assert get_adapter(student).count_params() == 83_978_944
-            before = evaluate(student, s.heldout, teacher=teacher)
+            before = evaluate(student, s.heldout, teacher=scorer)
+            steps = steps_of[run_budgets[-1]]
+            run_dir = Path(args.work_dir) / f"{method}-{schedule}-{steps}"
+            run_dir.mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
-            history = distill(student, teacher, s, steps, eval_every=max(1, steps // 4))
+            history = distill(student, teacher, scorer, s, steps, {steps_of[b] for b in run_budgets}, run_dir)
             seconds = time.perf_counter() - start
-            curve = [(r["tokens"], round(r["eval_perplexity"], 2)) for r in history if "eval_perplexity" in r]
-            rows.append({"method": method, "tokens": steps * SEQ * BATCH, "steps": steps,
-                         "ppl_pruned": before["perplexity"], "kl_pruned": before["kl_to_teacher"],
-                         "ppl_distilled": history[-1]["eval_perplexity"], "kl_distilled": history[-1]["eval_kl"],
-                         "seconds": round(seconds, 1), "seconds_per_step": round(seconds / steps, 2), "curve": curve})
-            print(json.dumps(rows[-1]), flush=True)
-    rows.sort(key=lambda r: (r["method"], r["tokens"]))
+            timed = [r for r in history if "seconds" in r]
+            for b in run_budgets:
+                at = next(r for r in history if r["step"] == steps_of[b])
+                rows.append({"method": method, "schedule": schedule, "tokens": at["tokens"], "steps": at["step"],
+                             "schedule_steps": steps, "epochs": round(at["step"] * BATCH / len(s.splits.train), 2),
+                             "ppl_pruned": before["perplexity"], "kl_pruned": before["kl_to_teacher"],
+                             "ppl_distilled": at["eval_perplexity"], "kl_distilled": at["eval_kl"],
+                             "train_loss": at["loss"], "seconds_this_session": round(seconds, 1),
+                             "seconds_per_step": round(timed[-1]["seconds"] / max(1, len(timed)), 2)})
+                print(json.dumps(rows[-1]), flush=True)
+    rows.sort(key=lambda r: (r["method"], r.get("schedule", ""), r["tokens"]))
     result = {"teacher_ppl": teacher_eval["perplexity"], "target": TARGET, "heldout_tokens": s.splits.heldout.numel(),
-              "machine": machine_info(), "rows": rows}
+              "train_tokens": s.splits.train.numel(), "machine": machine_info(), "argv": sys.argv[1:], "rows": rows}
     out_json.write_text(json.dumps(result, indent=1))
     lines = ["## Distillation recovery: SmolLM2-135M -> hidden 448 / FFN 1024 (83,978,944 params)", "",
              f"Teacher held-out perplexity {teacher_eval['perplexity']:.2f} on {s.splits.heldout.numel():,} held-out "
-             "tokens. Forward-KL distillation, AdamW 3e-4, 4 x 256 tokens a step.", "",
-             "| student | distillation tokens | ppl after pruning | ppl after distillation | KL after | s/step |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['tokens']:,} | {r['ppl_pruned']:,.1f} | {r['ppl_distilled']:,.2f} | "
-              f"{r['kl_distilled']:.3f} | {r['seconds_per_step']} |" for r in rows]
+             f"tokens. Forward-KL distillation, AdamW 3e-4, warmup 10, cosine, 4 x 256 tokens a step, on "
+             f"{s.splits.train.numel():,} training tokens (more tokens = more epochs over them). `one_run`: one "
+             "schedule spanning the largest budget, evaluated on the way; `per_budget`: a full schedule per budget.",
+             "", "| student | schedule | distillation tokens | epochs | ppl after pruning | ppl after distillation "
+             "| KL after | s/step |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r.get('schedule', 'per_budget')} | {r['tokens']:,} | {r.get('epochs', '-')} | "
+              f"{r['ppl_pruned']:,.1f} | {r['ppl_distilled']:,.2f} | {r['kl_distilled']:.3f} | "
+              f"{r['seconds_per_step']} |" for r in rows]
     (RESULTS / "distill_recovery.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

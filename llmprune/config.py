@@ -140,6 +140,10 @@ class DistillConfig:
         LM loss on the data.
     precision: auto (bf16 autocast where the hardware has it: CUDA, or CPUs with AMX / AVX512-BF16) | bf16 | fp32.
     gradient_checkpointing: recompute activations in backward to save memory.
+    strategy: how several processes (torchrun) share the training: ddp (every process holds the whole student,
+        gradients are all-reduced) | fsdp (FSDP2: parameters, gradients and AdamW state are sharded across the
+        processes, one unit per decoder layer, for students whose training state does not fit one device; the
+        teacher stays whole on every process). One process ignores it.
     eval_every / save_every / keep_checkpoints: held-out evaluation and checkpoint cadence; checkpoints kept.
     teacher_correction_steps / teacher_correction_lr: first fine-tune the teacher on the distillation data
         for this many steps (0 skips; arXiv:2408.11796 Sec. 2).
@@ -163,6 +167,7 @@ class DistillConfig:
     lm_weight: float = 0.0
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    strategy: str = "ddp"
     eval_every: int = 25
     save_every: int = 25
     keep_checkpoints: int = 2
@@ -237,6 +242,7 @@ CHOICES = {
     "export.architecture": ("auto", "keep"),
     "distill.precision": ("auto", "bf16", "fp32"),
     "distill.hidden_loss": ("cosine", "mse"),
+    "distill.strategy": ("ddp", "fsdp"),
 }
 
 

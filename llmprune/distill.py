@@ -2,29 +2,41 @@
 
 `train()` is one loop for distillation and for teacher correction: AdamW, linear warmup + cosine decay,
 gradient accumulation, clipping, bf16 autocast where the hardware has it (CUDA, or CPUs with AMX /
-AVX512-BF16), gradient checkpointing, DDP under torchrun, periodic held-out evaluation, and checkpoints that
-resume exactly: the samples of step s are a pure function of (seed, s), and model, optimizer, scheduler and
+AVX512-BF16), gradient checkpointing, DDP or FSDP2 under torchrun, periodic held-out evaluation, and checkpoints
+that resume exactly: the samples of step s are a pure function of (seed, s), and model, optimizer, scheduler and
 RNG states are restored, so a killed run continues to the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers.utils import ModelOutput
 
 from llmprune import losses
 from llmprune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from llmprune.config import ConfigError
-from llmprune.distributed import all_reduce_sum, barrier, is_distributed, is_rank_zero, rank, world_size
+from llmprune.distributed import (
+    all_reduce_sum,
+    barrier,
+    fully_shard_units,
+    is_distributed,
+    is_rank_zero,
+    rank,
+    world_size,
+)
 from llmprune.progress import log, progress
 
 
@@ -80,8 +92,20 @@ class SampleOrder:
         return int(self._perms[epoch][pos])
 
 
+@dataclass
+class StudentOutput(ModelOutput):
+    """A dict-like output, so DDP and FSDP find the tensors in it."""
+
+    logits: torch.Tensor | None = None
+    states: list[torch.Tensor] | None = None
+
+
 class Student(nn.Module):
-    """The student plus the learned projection of its hidden states onto the teacher's width."""
+    """The student plus the learned projection of its hidden states onto the teacher's width.
+
+    Called like a causal LM (`evaluate` takes it as is, which matters under FSDP, where only the root module may
+    run): returns `.logits` and `.states`, the projected outputs of `hidden_layers`.
+    """
 
     def __init__(self, model: nn.Module, projection: nn.Module | None = None, hidden_layers: tuple[int, ...] = ()):
         super().__init__()
@@ -89,12 +113,13 @@ class Student(nn.Module):
         self.projection = projection
         self.hidden_layers = hidden_layers
 
-    def forward(self, input_ids: torch.Tensor):
-        out = self.model(input_ids=input_ids, use_cache=False, output_hidden_states=bool(self.hidden_layers))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                         output_hidden_states=bool(self.hidden_layers))
         states = [out.hidden_states[j + 1] for j in self.hidden_layers]  # output of student layer j
         if self.projection is not None:
             states = [self.projection(s) for s in states]
-        return out.logits, states
+        return StudentOutput(logits=out.logits, states=states)
 
 
 def distill_loss(teacher: nn.Module, cfg, teacher_layers: tuple[int, ...]):
@@ -103,8 +128,8 @@ def distill_loss(teacher: nn.Module, cfg, teacher_layers: tuple[int, ...]):
     def compute(module: nn.Module, ids: torch.Tensor):
         with torch.no_grad():
             t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=bool(teacher_layers))
-        s_logits, s_states = module(ids)
-        s, t = s_logits[:, :-1], t_out.logits[:, :-1]  # positions that predict a next token
+        student = module(ids)
+        s, t = student.logits[:, :-1], t_out.logits[:, :-1]  # positions that predict a next token
         valid = torch.ones(ids.shape[0], ids.shape[1] - 1, device=ids.device)
         parts = {}
         if cfg.kl_weight:
@@ -116,8 +141,8 @@ def distill_loss(teacher: nn.Module, cfg, teacher_layers: tuple[int, ...]):
         if cfg.hidden_weight:
             t_states = [t_out.hidden_states[i + 1] for i in teacher_layers]
             every_position = torch.ones(ids.shape, device=ids.device)
-            parts["hidden"] = (cfg.hidden_weight, losses.hidden_state_loss(s_states, t_states, None, every_position,
-                                                                         cfg.hidden_loss))
+            hidden = losses.hidden_state_loss(student.states, t_states, None, every_position, cfg.hidden_loss)
+            parts["hidden"] = (cfg.hidden_weight, hidden)
         if cfg.lm_weight:
             parts["lm"] = (cfg.lm_weight, losses.lm_loss(s, ids[:, 1:], valid))
         total = sum(w * v for w, v in parts.values())
@@ -156,18 +181,29 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict]:
     return [r for r in rows if r["step"] <= upto_step]
 
 
+def _sharded_replica(module: nn.Module, units: tuple[str, ...]) -> nn.Module:
+    """An FSDP2-sharded copy of `module` to train; `module` waits on the CPU for the trained weights."""
+    replica = copy.deepcopy(module)
+    module.to("cpu")  # its device memory goes to the shards, gradients and optimizer state
+    fully_shard_units(replica, units)
+    return replica
+
+
 @torch.enable_grad()  # callers may hold no_grad (e.g. an evaluation context); training needs gradients
 def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: Path, name: str, fingerprint: str,
-          evaluate_fn=None, seed: int = 0) -> list[dict]:
+          evaluate_fn=None, seed: int = 0, shard_units: tuple[str, ...] = ()) -> list[dict]:
     """Train `module` on packed `windows` (N, S); checkpoints in run_dir/<name>_ckpt, metrics in <name>_metrics.jsonl.
 
     Args:
         compute_loss: (module, input_ids) -> (loss, {part: tensor}).
         cfg: max_steps, micro_batch_size, global_batch_size, lr, min_lr_ratio, warmup_steps, weight_decay,
-            max_grad_norm, precision, eval_every, save_every, keep_checkpoints (DistillConfig).
+            max_grad_norm, precision, strategy, eval_every, save_every, keep_checkpoints (DistillConfig).
         fingerprint: identifies the run's inputs; checkpoints with another fingerprint (a new target in the same
             output_dir, changed settings) are moved to <name>_ckpt.previous and training starts over.
-        evaluate_fn: () -> {metric: value}, called every eval_every steps and at the end.
+        evaluate_fn: (module being trained) -> {metric: value}, called every eval_every steps and at the end, on
+            every rank (under FSDP the module is the sharded replica, whose forward is collective).
+        shard_units: names of `module`'s submodules that become FSDP units (its decoder layers) when
+            cfg.strategy is fsdp under torchrun; the trained weights are copied back into `module` at the end.
 
     Returns:
         The metric rows of every step (train parts, lr, grad_norm, tokens; eval metrics where evaluated).
@@ -176,7 +212,13 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
     ckpt_dir, metrics_path = run_dir / f"{name}_ckpt", run_dir / f"{name}_metrics.jsonl"
     world = world_size()
     accum = accumulation_steps(cfg.global_batch_size, cfg.micro_batch_size, world)
-    params = [p for p in module.parameters() if p.requires_grad]
+    fsdp = is_distributed() and cfg.strategy == "fsdp"
+    trained = _sharded_replica(module, shard_units) if fsdp else module
+    if fsdp:
+        local = sum(p.to_local().numel() for p in trained.parameters())
+        log.info(f"{name}: FSDP2 over {world} processes, {len(shard_units)} layer units + the root; this process "
+                 f"holds {local:,} of {sum(p.numel() for p in module.parameters()):,} parameters")
+    params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
@@ -189,7 +231,7 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
                     ".jsonl.")
         checkpoint = None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, module, optimizer, scheduler)
+        state = load_checkpoint(checkpoint, trained, optimizer, scheduler)
         start = state["step"]
         log.info(f"{name}: resuming from {checkpoint} (step {start} of {cfg.max_steps})")
     history = _read_metrics(metrics_path, start)
@@ -197,12 +239,13 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
         tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
         tmp.replace(metrics_path)
-    wrapped = nn.parallel.DistributedDataParallel(module) if is_distributed() else module
+    ddp = is_distributed() and not fsdp
+    wrapped = nn.parallel.DistributedDataParallel(module) if ddp else trained
     dtype = autocast_dtype(cfg.precision, device)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
     order = SampleOrder(len(windows), seed)
     seq = windows.shape[1]
-    module.train()
+    trained.train()
     bar = progress(range(start, cfg.max_steps), total=cfg.max_steps - start, desc=name)
     started = time.perf_counter()
     for step in bar:
@@ -211,8 +254,10 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
         for micro in range(accum):
             first = step * cfg.global_batch_size + (micro * world + rank()) * cfg.micro_batch_size
             ids = windows[[order(first + k) for k in range(cfg.micro_batch_size)]].to(device)
-            sync = wrapped.no_sync() if is_distributed() and micro < accum - 1 else nullcontext()
-            with sync:
+            last = micro == accum - 1  # gradients are reduced across ranks once, after the last micro-batch
+            if fsdp:
+                trained.set_requires_gradient_sync(last)
+            with wrapped.no_sync() if ddp and not last else nullcontext():
                 with autocast():
                     loss, parts = compute_loss(wrapped, ids)
                 (loss / accum).backward()
@@ -225,13 +270,13 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
         keys = sorted(sums)
         reduced = all_reduce_sum(torch.stack([sums[k] for k in keys])) / world
         row = {"step": step + 1, **{k: float(v) for k, v in zip(keys, reduced)}, "lr": lr,
-               "grad_norm": float(grad_norm), "tokens": (step + 1) * cfg.global_batch_size * seq,
-               "seconds": round(time.perf_counter() - started, 2)}
+               "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+               "tokens": (step + 1) * cfg.global_batch_size * seq, "seconds": round(time.perf_counter() - started, 2)}
         done = step + 1 == cfg.max_steps
         if evaluate_fn is not None and ((step + 1) % cfg.eval_every == 0 or done):
-            module.eval()
-            row.update(evaluate_fn())
-            module.train()
+            trained.eval()
+            row.update(evaluate_fn(trained))
+            trained.train()
         if hasattr(bar, "set_postfix"):
             shown = {"loss": f"{row['loss']:.3f}"}
             if "eval_perplexity" in row:
@@ -242,7 +287,10 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
             with metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
         if (step + 1) % cfg.save_every == 0 or done:
-            save_checkpoint(ckpt_dir, step + 1, module, optimizer, scheduler, {"fingerprint": fingerprint},
+            save_checkpoint(ckpt_dir, step + 1, trained, optimizer, scheduler, {"fingerprint": fingerprint},
                             keep=cfg.keep_checkpoints)
-    module.eval()
+    trained.eval()
+    if fsdp:  # whole tensors on every rank, into the unsharded module
+        module.load_state_dict(get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True)))
+        module.to(device).eval()
     return history

@@ -32,3 +32,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def fully_shard_units(module: torch.nn.Module, unit_names: list[str] | tuple[str, ...]) -> None:
+    """FSDP2 in place over all processes: each named submodule (a decoder layer) is one unit, gathered only while
+    it runs; the root unit holds the rest (embeddings, final norm, LM head). Parameters become DTensor shards, so
+    build the optimizer afterwards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(next(module.parameters()).device.type, (world_size(),))
+    for name in unit_names:
+        fully_shard(module.get_submodule(name), mesh=mesh)
+    fully_shard(module, mesh=mesh)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from llmprune import data as text
 from llmprune.adapters import get_adapter
 from llmprune.baselines import baseline_scores
+from llmprune.config import ConfigError
 from llmprune.depth import removal_scores
 from llmprune.distill import Student, distill_loss, lm_only_loss, train
 from llmprune.distributed import barrier, is_rank_zero, rank, world_size
@@ -55,6 +56,16 @@ def write_text_atomic(path: Path, content: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(content, encoding="utf-8")
     tmp.replace(path)
+
+
+def even_share(samples: torch.Tensor) -> torch.Tensor:
+    """This rank's share of `samples`, the same count on every rank: an FSDP forward is collective, so every rank
+    must run as many batches (a remainder of fewer than world_size samples is left out)."""
+    world = world_size()
+    if len(samples) < world:
+        raise ConfigError(f"data.eval_samples gives {len(samples)} held-out samples for {world} processes; raise "
+                          f"data.eval_samples to at least {world}.")
+    return samples[: len(samples) // world * world][rank():: world]
 
 
 def real_param_count(model) -> int:
@@ -114,20 +125,28 @@ def calibrate(cfg: DictConfig, model, adapter, calib: torch.Tensor, needs: dict,
     return scores
 
 
-def correct_teacher(cfg: DictConfig, teacher, windows: torch.Tensor, run_dir: Path, fingerprint: str) -> list[dict]:
+def unit_names(root: torch.nn.Module, layers) -> tuple[str, ...]:
+    """The names of `layers` inside `root`: the FSDP units when distill.strategy=fsdp."""
+    names = {id(m): n for n, m in root.named_modules()}
+    return tuple(names[id(layer)] for layer in layers)
+
+
+def correct_teacher(cfg: DictConfig, teacher, adapter, windows: torch.Tensor, run_dir: Path,
+                    fingerprint: str) -> list[dict]:
     """Teacher correction: briefly fine-tune the teacher on the distillation data (arXiv:2408.11796 Sec. 2)."""
     settings = OmegaConf.merge(cfg.distill, {"max_steps": cfg.distill.teacher_correction_steps,
                                              "lr": cfg.distill.teacher_correction_lr})
     for p in teacher.parameters():
         p.requires_grad_(True)
-    history = train(teacher, windows, lm_only_loss, settings, run_dir, "correct", fingerprint, seed=cfg.seed + 1)
+    history = train(teacher, windows, lm_only_loss, settings, run_dir, "correct", fingerprint, seed=cfg.seed + 1,
+                    shard_units=unit_names(teacher, adapter.layers))
     for p in teacher.parameters():
         p.requires_grad_(False)
     return history
 
 
-def distill_student(cfg: DictConfig, student, teacher, plan: PruningPlan, windows: torch.Tensor, heldout,
-                    run_dir: Path, fingerprint: str) -> list[dict]:
+def distill_student(cfg: DictConfig, student, student_adapter, teacher, plan: PruningPlan, windows: torch.Tensor,
+                    heldout, run_dir: Path, fingerprint: str) -> list[dict]:
     """Distill `student` from `teacher` in place; returns the metric rows."""
     d = cfg.distill
     student.requires_grad_(True)  # a deep copy of the frozen teacher
@@ -142,11 +161,12 @@ def distill_student(cfg: DictConfig, student, teacher, plan: PruningPlan, window
     module = Student(student, projection, hidden_layers)
     loss = distill_loss(teacher, d, tuple(plan.kept_layers[j] for j in hidden_layers))
 
-    def evaluate_fn() -> dict:
-        result = evaluate(student, heldout, teacher=teacher, desc="evaluate student")
+    def evaluate_fn(trained: torch.nn.Module) -> dict:
+        result = evaluate(trained, heldout, teacher=teacher, desc="evaluate student")
         return {"eval_perplexity": result["perplexity"], "eval_kl": result["kl_to_teacher"]}
 
-    history = train(module, windows, loss, d, run_dir, "distill", fingerprint, evaluate_fn, seed=cfg.seed)
+    history = train(module, windows, loss, d, run_dir, "distill", fingerprint, evaluate_fn, seed=cfg.seed,
+                    shard_units=unit_names(module, student_adapter.layers))
     if d.gradient_checkpointing:
         student.gradient_checkpointing_disable()
     return history
@@ -192,13 +212,13 @@ def run(cfg: DictConfig) -> dict:
                                    cfg.data.split, cfg.data.text_field, cfg.data.max_documents)
         splits = text.split_stream(text.token_stream(docs, tokenizer), cfg.data.seq_len, cfg.data.num_samples,
                                    cfg.data.eval_samples, cfg.data.eval_fraction, cfg.seed)
-        heldout = text.to_batches(splits.heldout[rank():: world_size()], cfg.data.batch_size)
+        heldout = text.to_batches(even_share(splits.heldout), cfg.data.batch_size)
         device = next(teacher.parameters()).device
 
     fingerprint = calibration_fingerprint(cfg, source)
     if cfg.distill.teacher_correction_steps:
         with t.stage("correct_teacher"):
-            correct_teacher(cfg, teacher, splits.train, run_dir, fingerprint)
+            correct_teacher(cfg, teacher, adapter, splits.train, run_dir, fingerprint)
 
     with t.stage("calibrate"):
         scores = calibrate(cfg, teacher, adapter, splits.calib, depth_needs(cfg, dims, target),
@@ -244,7 +264,7 @@ def run(cfg: DictConfig) -> dict:
         with t.stage("distill"):
             distill_fingerprint = hashlib.sha256(json.dumps(
                 [fingerprint, plan.fingerprint(), OmegaConf.to_container(cfg.distill)]).encode()).hexdigest()[:16]
-            history = distill_student(cfg, student, teacher, plan, splits.train, heldout, run_dir,
+            history = distill_student(cfg, student, student_adapter, teacher, plan, splits.train, heldout, run_dir,
                                       distill_fingerprint)
         report["distill"] = distill_summary(history, cfg, t["distill"])
         if cfg.eval.enabled:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import struct
@@ -424,6 +425,95 @@ def test_torchrun_two_processes_match_one(reference, tmp_path):
     bars = reference.stderr.replace("\r", "\n").count("Loading weights:   0%")
     assert logs.count("Loading weights:   0%") == bars, "transformers' loading bar printed by rank 1 too"
     assert logs.count(f"| 0/{STEPS} [00:00<?, ?it/s]") == 1, "one distillation progress bar"
+
+
+# -- FSDP2 ----------------------------------------------------------------------------------------------------------
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(reference, tmp_path_factory):
+    """The reference settings on 2 processes with distill.strategy=fsdp (FSDP2 over gloo, one unit per layer)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    result = llmprune_cli(overrides(reference.model_dir, root / "run", **{"distill.strategy": "fsdp"}), root, env(),
+                          TORCHRUN)
+    assert result.returncode == 0, result.stderr[-4000:]
+    shards = re.search(r"distill: FSDP2 over 2 processes, 3 layer units \+ the root; this process holds ([\d,]+) of "
+                       r"([\d,]+) parameters", result.stderr)
+    assert shards, result.stderr[-4000:]
+    local, total = (int(g.replace(",", "")) for g in shards.groups())
+    assert total / 2 <= local <= total / 2 + 100, (local, total)  # rank 0's half (+ the rounding of odd dims)
+    return SimpleNamespace(out=root / "run", root=root, stderr=result.stderr)
+
+
+def test_fsdp_two_processes_match_one(reference, fsdp_run):
+    """FSDP2 shards the student but computes what one process computes: same losses, metrics and final weights."""
+    one, two = metrics(reference.out), metrics(fsdp_run.out)
+    assert [r["step"] for r in two] == list(range(1, STEPS + 1))
+    worst = 0.0
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys(), (a, b)
+        for key in sorted(set(a) - {"seconds"}):
+            rel = abs(a[key] - b[key]) / max(abs(a[key]), 1e-12)
+            assert rel <= DDP_RTOL, f"step {a['step']} {key}: 1 process {a[key]!r}, FSDP {b[key]!r}"
+            worst = max(worst, rel)
+    print(f"\nFSDP vs 1 process: max relative difference {worst:.2e} (tolerance {DDP_RTOL:.0e})")
+    w1, w2 = weights(reference.out / "final"), weights(fsdp_run.out / "final")
+    assert w1.keys() == w2.keys()
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) <= 1e-5
+    report = json.loads((fsdp_run.out / "report.json").read_text())
+    assert report["export_check"]["final"]["max_abs_logit_diff"] == 0.0  # final/ holds the gathered weights
+    assert hidden_files(fsdp_run.out) == []
+
+
+def test_fsdp_run_resumes_exactly_and_its_checkpoint_is_whole(reference, fsdp_run):
+    """Resuming the FSDP run from its step-39 checkpoint (sharded model and optimizer restored from whole tensors)
+    ends with the uninterrupted run's weights, bit for bit; and one process resumes the same checkpoint."""
+    out = fsdp_run.root / "resumed"
+    shutil.copytree(fsdp_run.out, out)
+    shutil.rmtree(out / "final")
+    ckpt = out / "distill_ckpt"
+    assert sorted(p.name for p in ckpt.glob("step_*")) == [f"step_{STEPS - 1:06d}", f"step_{STEPS:06d}"]
+    shutil.rmtree(ckpt / f"step_{STEPS:06d}")
+    (ckpt / "latest").write_text(f"step_{STEPS - 1:06d}")
+    whole = load_file(str(ckpt / f"step_{STEPS - 1:06d}" / "model.safetensors"))  # unsharded, named like 1 process
+    assert whole.keys() == load_file(str(reference.out / "distill_ckpt" / f"step_{STEPS:06d}" /
+                                         "model.safetensors")).keys()
+    assert whole["model.model.embed_tokens.weight"].shape == (128, 24)
+
+    resumed = llmprune_cli(overrides(reference.model_dir, out, **{"distill.strategy": "fsdp"}), fsdp_run.root, env(),
+                           TORCHRUN)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"distill: resuming from {ckpt / f'step_{STEPS - 1:06d}'}" in resumed.stderr
+    expected, got = weights(fsdp_run.out / "final"), weights(out / "final")
+    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
+
+    # the same checkpoint under one process (strategy is ignored there): whole tensors load anywhere
+    single = fsdp_run.root / "single"
+    shutil.copytree(out, single)
+    shutil.rmtree(single / "final")
+    shutil.rmtree(single / "distill_ckpt" / f"step_{STEPS:06d}")
+    (single / "distill_ckpt" / "latest").write_text(f"step_{STEPS - 1:06d}")
+    llmprune.run(RECIPE, overrides(reference.model_dir, single, **{"distill.strategy": "fsdp"}))
+    got = weights(single / "final")
+    assert max(float((expected[k] - got[k]).abs().max()) for k in expected) <= 1e-5
+
+
+def test_fsdp_teacher_correction_matches_one_process(reference, tmp_path):
+    """Teacher correction trains a sharded copy of the teacher and puts the weights back before calibration."""
+    settings = {"distill.teacher_correction_steps": 4, "distill.teacher_correction_lr": 1e-3,
+                "distill.max_steps": 2, "distill.eval_every": 2, "distill.strategy": "fsdp"}
+    one = llmprune.run(RECIPE, overrides(reference.model_dir, tmp_path / "one", **settings))
+    result = llmprune_cli(overrides(reference.model_dir, tmp_path / "two", **settings), tmp_path, env(), TORCHRUN)
+    assert result.returncode == 0, result.stderr[-4000:]
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    for a, b in zip(metrics(tmp_path / "one", "correct"), metrics(tmp_path / "two", "correct"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=DDP_RTOL), (a, b)
+    # the corrected teacher (evaluated after correction, before pruning) is the same model on both
+    assert two["eval"]["teacher"]["loss"] == pytest.approx(one["eval"]["teacher"]["loss"], rel=DDP_RTOL)
+    assert two["eval"]["teacher"]["loss"] != pytest.approx(reference.report["eval"]["teacher"]["loss"], rel=1e-4)
+    assert PruningPlan.from_json((tmp_path / "two" / "plan.json").read_text()).fingerprint() == \
+        PruningPlan.from_json((tmp_path / "one" / "plan.json").read_text()).fingerprint()
 
 
 # -- teacher correction -------------------------------------------------------------------------------------------
