@@ -8,6 +8,7 @@ and raises one error that lists every problem with the key and the fix.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -208,12 +209,32 @@ class ExportConfig:
 
 
 @dataclass
+class MegatronConfig:
+    """The megatron backend (backend=megatron): llama-like models run calibration and pruning as a megatron-core
+    GPTModel split over GPUs; evaluation, export and distillation then run on the pruned Hugging Face student.
+    Launch one process per GPU with torchrun (launch/megatron_torchrun.sh); the rest of the processes beyond
+    TP x PP are data parallel (they score separate samples).
+
+    tensor_parallel_size: GPUs one model is split across (the model's KV heads and FFN size must be multiples of it,
+        and so must prune.export_config.num_query_groups / ffn_hidden_size).
+    pipeline_parallel_size: 1 (pipeline parallelism is not supported yet).
+    transformer_impl: local (megatron-core's own layers) | transformer_engine (TransformerEngine layers) | auto
+        (TransformerEngine on a GPU where it is installed, else local).
+    """
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    transformer_impl: str = "auto"
+
+
+@dataclass
 class LLMPruneConfig:
     """One end-to-end run: load -> calibrate -> plan -> prune -> evaluate -> export.
 
     recipe: the recipe this config was composed from (set automatically).
     output_dir: the run directory; every artifact goes there.
-    backend: hf.
+    backend: hf (transformers modules) | megatron (megatron-core with tensor parallelism, llama-like models; see
+        the megatron group).
     seed: seeds data sampling and baselines.
     """
 
@@ -227,12 +248,14 @@ class LLMPruneConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
 
 
 ConfigStore.instance().store(name="llmprune_schema", node=LLMPruneConfig)
 
 CHOICES = {
-    "backend": ("hf",),
+    "backend": ("hf", "megatron"),
+    "megatron.transformer_impl": ("local", "transformer_engine", "auto"),
     "model.dtype": ("float32", "bfloat16", "float16", "auto"),
     "data.source": ("embedded", "files", "hf"),
     "prune.mode": ("minitron",),
@@ -379,8 +402,38 @@ def validate(cfg: DictConfig) -> None:
         problems.append("export.push_to_hub=true needs export.repo_id=<user or org>/<name>.")
     if not str(cfg.output_dir).strip():
         problems.append("output_dir is empty; set output_dir=<path>.")
+    if cfg.backend == "megatron":
+        problems += _megatron_problems(cfg)
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+MEGATRON_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _megatron_problems(cfg: DictConfig) -> list[str]:
+    """backend=megatron: llama-like models (known here from a local config.json), activation scores, TP/PP >= 1."""
+    problems = []
+    for key in ("tensor_parallel_size", "pipeline_parallel_size"):
+        if cfg.megatron[key] < 1:
+            problems.append(f"megatron.{key}={cfg.megatron[key]} must be at least 1.")
+    if cfg.megatron.pipeline_parallel_size > 1:
+        problems.append(f"megatron.pipeline_parallel_size={cfg.megatron.pipeline_parallel_size}: pipeline parallelism "
+                        "is not supported yet; set it to 1 and split the model with megatron.tensor_parallel_size.")
+    if cfg.prune.importance != "activation":
+        problems.append(f"prune.importance={cfg.prune.importance} needs backend=hf; backend=megatron computes "
+                        "activation (Minitron) scores only.")
+    mamba = [k for k in ("mamba_num_heads", "mamba_head_dim") if cfg.prune.export_config[k] is not None]
+    if mamba:
+        problems.append(f"prune.export_config.{mamba[0]} is a Mamba target; backend=megatron prunes llama-like GPT "
+                        f"models ({', '.join(MEGATRON_FAMILIES)}). Use backend=hf.")
+    config_json = Path(str(cfg.model.path)).expanduser() / "config.json"
+    if config_json.is_file():
+        model_type = json.loads(config_json.read_text()).get("model_type")
+        if model_type not in MEGATRON_FAMILIES:
+            problems.append(f"backend=megatron converts llama-like models ({', '.join(MEGATRON_FAMILIES)}); "
+                            f"model.path={cfg.model.path} is a '{model_type}' model. Use backend=hf.")
+    return problems
 
 
 def describe_schema() -> str:
@@ -389,7 +442,7 @@ def describe_schema() -> str:
     for name, schema in (("(top level)", LLMPruneConfig), ("model", ModelConfig), ("data", DataConfig),
                          ("prune", PruneConfig), ("prune.export_config", TargetsConfig),
                          ("prune.depth", DepthConfig), ("distill", DistillConfig), ("eval", EvalConfig),
-                         ("export", ExportConfig)):
+                         ("export", ExportConfig), ("megatron", MegatronConfig)):
         defaults = OmegaConf.structured(schema)
         keys = ", ".join(f"{k}={v}" for k, v in defaults.items() if not OmegaConf.is_dict(defaults[k]))
         sections.append(f"[{name}] {keys}\n    " + (schema.__doc__ or "").strip().replace("\n", "\n    "))

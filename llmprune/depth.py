@@ -49,6 +49,8 @@ def removal_scores(model, adapter, batches: Iterable[Batch], metric: str = "lm_l
     """
     layers = adapter.layers
     num_layers = len(layers)
+    group = getattr(adapter, "data_parallel_group", None)  # megatron TP: ranks of one model share their samples
+    seq_first = getattr(adapter, "seq_first", False)  # megatron-core: hidden states are (S, B, H)
     device = next(model.parameters()).device
     candidates = [(i, 1) for i in range(num_layers)] if drop_one else []
     candidates += [(s, k) for k in block_sizes for s in range(num_layers - k + 1)]
@@ -83,7 +85,8 @@ def removal_scores(model, adapter, batches: Iterable[Batch], metric: str = "lm_l
             recording[0] = True
             adapter.backbone(input_ids=input_ids, attention_mask=mask, use_cache=False)
             recording[0] = False
-            base_logits = adapter.logits(recorded[num_layers][:, :-1])  # (B, S-1, V): position S-1 predicts nothing
+            last = recorded[num_layers].transpose(0, 1) if seq_first else recorded[num_layers]  # (B, S, H)
+            base_logits = adapter.logits(last[:, :-1])  # (B, S-1, V): position S-1 predicts nothing
             teacher = None
             if metric == "kl":  # once per batch, shared by every candidate
                 teacher_logprobs = F.log_softmax(base_logits.float(), dim=-1)
@@ -95,14 +98,15 @@ def removal_scores(model, adapter, batches: Iterable[Batch], metric: str = "lm_l
                 for j in range(start + size, num_layers):
                     out = layers[j](hidden, **recorded[("kwargs", j)])
                     hidden = out[0] if isinstance(out, tuple) else out
+                hidden = hidden.transpose(0, 1) if seq_first else hidden  # (B, S, H)
                 sums[c] += _token_losses(adapter.logits(hidden[:, :-1]), input_ids, mask, metric, teacher)
             recorded.clear()
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    tokens = all_reduce_sum(tokens)
-    increase = ((all_reduce_sum(sums) - all_reduce_sum(base_sum)) / tokens).cpu()
+    tokens = all_reduce_sum(tokens, group)
+    increase = ((all_reduce_sum(sums, group) - all_reduce_sum(base_sum, group)) / tokens).cpu()
     out, offset = {}, 0
     if drop_one:
         out[f"depth.drop_one.{metric}"] = increase[:num_layers]

@@ -22,11 +22,21 @@ def is_rank_zero() -> bool:
     return rank() == 0
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (a no-op in a single process). Returns the same tensor."""
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum over the ranks of `group` (None: all ranks; a no-op in a single process). Returns the same tensor."""
     if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+def data_shard(adapter) -> tuple[int, int]:
+    """(index, count) of this rank's share of the samples. Every rank scores its own share, except that an adapter
+    splitting one model over several ranks (megatron tensor parallelism) names the group whose ranks each hold a
+    whole model (`data_parallel_group`); the ranks that share a model share its samples."""
+    group = getattr(adapter, "data_parallel_group", None)
+    if not is_distributed():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def barrier() -> None:

@@ -25,11 +25,15 @@ from llmprune.progress import progress
 
 
 class ActivationScores:
-    """Accumulates sum_b (mean_s |A|)^2 per named site, masking padding."""
+    """Accumulates sum_b (mean_s |A|)^2 per named site, masking padding.
 
-    def __init__(self):
+    `group`: the process group the sums are all-reduced over (None: every rank; see distributed.data_shard).
+    """
+
+    def __init__(self, group=None):
         self.sums: dict[str, torch.Tensor] = {}
         self.mask: torch.Tensor | None = None  # (B, S) of the current batch; None when it has no padding
+        self.group = group
 
     def add(self, name: str, act: torch.Tensor) -> None:
         act = act.detach()  # (B, S, C)
@@ -47,13 +51,15 @@ class ActivationScores:
             self.sums[name] = contribution
 
     def finalize(self) -> dict[str, torch.Tensor]:
-        return {name: all_reduce_sum(total).sqrt().cpu() for name, total in self.sums.items()}
+        return {name: all_reduce_sum(total, self.group).sqrt().cpu() for name, total in self.sums.items()}
 
 
-def _hook_sites(sites, stats: ActivationScores) -> list:
+def _hook_sites(sites, stats: ActivationScores, seq_first: bool = False) -> list:
+    """`seq_first`: the model's activations are (S, B, C) (megatron-core), not (B, S, C)."""
     handles = []
     for site in sites:
         def add(act, name=site.name, channels=site.channels):
+            act = act.transpose(0, 1) if seq_first else act  # (B, S, C)
             stats.add(name, act if channels is None else act[..., channels[0]: channels[1]])
 
         if site.capture == "input":
@@ -64,7 +70,7 @@ def _hook_sites(sites, stats: ActivationScores) -> list:
     return handles
 
 
-def _hook_block_importance(layers, totals: torch.Tensor, stats: ActivationScores) -> list:
+def _hook_block_importance(layers, totals: torch.Tensor, stats: ActivationScores, seq_first: bool = False) -> list:
     """Adds sum over real tokens of (1 - cos(x_in, x_out)) per layer into totals[i]."""
 
     def hook(i):
@@ -72,6 +78,8 @@ def _hook_block_importance(layers, totals: torch.Tensor, stats: ActivationScores
             x_in = args[0] if args else kwargs["hidden_states"]
             x_out = out[0] if isinstance(out, tuple) else out
             dissimilarity = 1.0 - F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)  # (B, S)
+            if seq_first:
+                dissimilarity = dissimilarity.transpose(0, 1)  # (S, B) -> (B, S)
             if stats.mask is not None:
                 dissimilarity = dissimilarity * stats.mask
             totals[i] += dissimilarity.sum()
@@ -86,12 +94,14 @@ def activation_scores(model, adapter, batches: Iterable[Batch], total: int | Non
 
     The LM head is skipped (nothing is scored there), so the pass runs the backbone only.
     """
-    stats = ActivationScores()
+    group = getattr(adapter, "data_parallel_group", None)  # megatron TP: ranks of one model share their samples
+    seq_first = getattr(adapter, "seq_first", False)
+    stats = ActivationScores(group)
     device = next(model.parameters()).device
     bi_totals = torch.zeros(len(adapter.layers), dtype=torch.float32, device=device)
     tokens = torch.zeros((), dtype=torch.float32, device=device)
-    handles = _hook_sites(adapter.importance_sites(), stats)
-    handles += _hook_block_importance(adapter.layers, bi_totals, stats)
+    handles = _hook_sites(adapter.importance_sites(), stats, seq_first)
+    handles += _hook_block_importance(adapter.layers, bi_totals, stats, seq_first)
     was_training = model.training
     model.eval()
     try:
@@ -107,7 +117,7 @@ def activation_scores(model, adapter, batches: Iterable[Batch], total: int | Non
             handle.remove()
         model.train(was_training)
     scores = adapter.derive_scores(stats.finalize())
-    scores["block_importance"] = (all_reduce_sum(bi_totals) / all_reduce_sum(tokens)).cpu()
+    scores["block_importance"] = (all_reduce_sum(bi_totals, group) / all_reduce_sum(tokens, group)).cpu()
     return scores
 
 

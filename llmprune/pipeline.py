@@ -1,5 +1,8 @@
-"""One run, read top to bottom: load -> data -> [correct teacher] -> calibrate -> plan -> prune -> evaluate ->
-export pruned/ -> [distill -> export final/] -> [push] -> report.
+"""One run, read top to bottom: load -> data -> [correct teacher] -> [convert] -> calibrate -> plan -> prune ->
+evaluate -> export pruned/ -> [distill -> export final/] -> [push] -> report.
+
+backend=megatron converts the teacher to a megatron-core GPTModel (split over tensor-parallel ranks) for calibration
+and pruning; the pruned model comes back as a Hugging Face student, so every later stage is the same for both.
 
 Every stage writes its artifact into `output_dir`; calibration is skipped when importance.safetensors was made
 from the same model, data and scoring settings, so re-pruning to another target costs seconds.
@@ -25,11 +28,12 @@ from llmprune.baselines import baseline_scores
 from llmprune.config import ConfigError
 from llmprune.depth import removal_scores
 from llmprune.distill import Student, distill_loss, lm_only_loss, train
-from llmprune.distributed import barrier, is_rank_zero, rank, world_size
+from llmprune.distributed import barrier, data_shard, is_rank_zero, rank, world_size
 from llmprune.evaluate import evaluate
 from llmprune.export import check_exportable, exportable_model, push_to_hub, save_hf, verify_export
 from llmprune.importance import activation_scores, summarize
 from llmprune.losses import channel_projection
+from llmprune.megatron.convert import check_convertible
 from llmprune.models import load_model
 from llmprune.plan import PruningPlan, make_plan, resolve_targets
 from llmprune.progress import setup_logging
@@ -86,6 +90,8 @@ def calibration_fingerprint(cfg: DictConfig, source) -> str:
     keys = {"model": [source.location, source.gguf_file, cfg.model.dtype], "data": OmegaConf.to_container(cfg.data),
             "importance": cfg.prune.importance, "depth": OmegaConf.to_container(cfg.prune.depth), "seed": cfg.seed,
             "world_size": world_size()}
+    if cfg.backend != "hf":  # another implementation (and its tensor-parallel split) computes the scores
+        keys["backend"] = {"backend": cfg.backend, **OmegaConf.to_container(cfg.megatron)}
     if cfg.distill.teacher_correction_steps:  # the scores (and the correction checkpoint) come from this teacher
         keys["teacher_correction"] = {k: cfg.distill[k] for k in (
             "teacher_correction_steps", "teacher_correction_lr", "micro_batch_size", "global_batch_size",
@@ -103,7 +109,8 @@ def calibrate(cfg: DictConfig, model, adapter, calib: torch.Tensor, needs: dict,
             if (f.metadata() or {}).get("fingerprint") == fingerprint:
                 scores = load_file(str(path))
                 log.info(f"importance: reusing {path} (same model, data and scoring settings)")
-    shard = calib[rank():: world_size()]  # torchrun: each rank scores its share; sums are all-reduced
+    index, count = data_shard(adapter)  # torchrun: each model replica scores its share; sums are all-reduced
+    shard = calib[index::count]
     batches = text.to_batches(shard, cfg.data.batch_size)
     if "hidden" not in scores:
         if cfg.prune.importance == "activation":
@@ -114,8 +121,7 @@ def calibrate(cfg: DictConfig, model, adapter, calib: torch.Tensor, needs: dict,
     missing_blocks = tuple(k for k in needs["block_sizes"] if f"depth.contiguous.{metric}.n{k}" not in scores)
     missing_drop_one = needs["drop_one"] and f"depth.drop_one.{metric}" not in scores
     if missing_blocks or missing_drop_one:
-        depth_batches = text.to_batches(calib[: cfg.prune.depth.num_samples][rank():: world_size()],
-                                        cfg.data.batch_size)
+        depth_batches = text.to_batches(calib[: cfg.prune.depth.num_samples][index::count], cfg.data.batch_size)
         scores.update(removal_scores(model, adapter, depth_batches, metric=metric, drop_one=missing_drop_one,
                                      block_sizes=missing_blocks, total=len(depth_batches)))
     if is_rank_zero():
@@ -129,6 +135,30 @@ def unit_names(root: torch.nn.Module, layers) -> tuple[str, ...]:
     """The names of `layers` inside `root`: the FSDP units when distill.strategy=fsdp."""
     names = {id(m): n for n, m in root.named_modules()}
     return tuple(names[id(layer)] for layer in layers)
+
+
+def megatron_model(cfg: DictConfig, teacher):
+    """The teacher as a megatron-core GPTModel split over megatron.tensor_parallel_size ranks, with its adapter."""
+    from llmprune.adapters.megatron_gpt import MegatronGPTAdapter
+
+    m = cfg.megatron
+    adapter = MegatronGPTAdapter.from_hf(teacher, m.tensor_parallel_size, m.pipeline_parallel_size,
+                                         m.transformer_impl, seed=cfg.seed)
+    return adapter.model, adapter
+
+
+def prune_to_hf(teacher, model, adapter, plan: PruningPlan):
+    """The pruned student as a Hugging Face model, with its adapter. backend=hf prunes a copy of the teacher;
+    backend=megatron prunes the GPTModel, gathers it into the teacher's class and releases megatron-core."""
+    if model is teacher:
+        student = copy.deepcopy(teacher)
+        student_adapter = get_adapter(student)
+        student_adapter.apply(plan)
+        return student, student_adapter
+    adapter.apply(plan)
+    student = adapter.to_hf(teacher)
+    adapter.close()
+    return student, get_adapter(student)
 
 
 def correct_teacher(cfg: DictConfig, teacher, adapter, windows: torch.Tensor, run_dir: Path,
@@ -206,6 +236,8 @@ def run(cfg: DictConfig) -> dict:
         target = resolve_targets(dims, OmegaConf.to_container(cfg.prune.export_config),  # fail before calibrating
                                  family=adapter.family)
         check_exportable(adapter, target, cfg.export.architecture)
+        if cfg.backend == "megatron":  # fail before calibrating: the model converts and the targets split over TP
+            check_convertible(teacher.config, cfg.megatron.tensor_parallel_size, target)
 
     with t.stage("data"):
         docs = text.load_documents(cfg.data.source, cfg.data.paths, cfg.data.dataset, cfg.data.dataset_config,
@@ -220,12 +252,17 @@ def run(cfg: DictConfig) -> dict:
         with t.stage("correct_teacher"):
             correct_teacher(cfg, teacher, adapter, splits.train, run_dir, fingerprint)
 
+    model, scorer = teacher, adapter  # what calibration and pruning run on
+    if cfg.backend == "megatron":
+        with t.stage("convert"):
+            model, scorer = megatron_model(cfg, teacher)
+
     with t.stage("calibrate"):
-        scores = calibrate(cfg, teacher, adapter, splits.calib, depth_needs(cfg, dims, target),
+        scores = calibrate(cfg, model, scorer, splits.calib, depth_needs(cfg, dims, target),
                            run_dir / "importance.safetensors", fingerprint)
 
     with t.stage("plan"):
-        plan = make_plan(adapter.family, scores, dims, OmegaConf.to_container(cfg.prune.export_config),
+        plan = make_plan(scorer.family, scores, dims, OmegaConf.to_container(cfg.prune.export_config),
                          cfg.prune.depth.method, cfg.prune.depth.metric, cfg.prune.rescale_norms,
                          layer_types=getattr(adapter, "layer_types", None))  # hybrids: report removed layer types
         plan.summary["importance"] = summarize(scores)
@@ -233,9 +270,8 @@ def run(cfg: DictConfig) -> dict:
         barrier()
 
     with t.stage("prune"):
-        student = copy.deepcopy(teacher)
-        student_adapter = get_adapter(student)
-        student_adapter.apply(plan)
+        student, student_adapter = prune_to_hf(teacher, model, scorer, plan)
+        del model, scorer  # evaluation, export and distillation run on the Hugging Face student
         params = {"before": real_param_count(teacher), "after": real_param_count(student),
                   "after_analytic": student_adapter.count_params()}
         assert params["after"] == params["after_analytic"], params
@@ -248,6 +284,7 @@ def run(cfg: DictConfig) -> dict:
 
     report = {
         "recipe": cfg.recipe, "output_dir": str(run_dir), "model": source.description, "family": adapter.family,
+        "backend": cfg.backend,
         "model_type": teacher.config.model_type, "importance": cfg.prune.importance,
         "original": plan.original, "target": plan.target, "params": params,
         "removed_layers": plan.depth.get("removed", []), "depth": plan.depth, "plan_summary": plan.summary,

