@@ -388,6 +388,18 @@ def test_checkpoint_of_other_settings_is_set_aside_not_resumed(reference, tmp_pa
 
 
 # -- torchrun -------------------------------------------------------------------------------------------------------
+def same_trajectory(one: list[dict], other: list[dict], label: str) -> float:
+    """Assert every logged value of every step agrees within DDP_RTOL; returns the worst relative difference."""
+    worst = 0.0
+    for a, b in zip(one, other, strict=True):
+        assert a.keys() == b.keys(), (a, b)
+        for key in sorted(set(a) - {"seconds"}):
+            rel = abs(a[key] - b[key]) / max(abs(a[key]), 1e-12)
+            assert rel <= DDP_RTOL, f"step {a['step']} {key}: 1 process {a[key]!r}, {label} {b[key]!r}"
+            worst = max(worst, rel)
+    return worst
+
+
 def test_torchrun_two_processes_match_one(reference, tmp_path):
     """2 CPU processes (gloo, micro batch 2 each) against the 1-process reference (micro batch 2, 2 accumulation
     steps): the same plan, and the same trajectory within DDP_RTOL."""
@@ -400,15 +412,8 @@ def test_torchrun_two_processes_match_one(reference, tmp_path):
     assert plan_2.fingerprint() == plan_1.fingerprint()
     assert (plan_2.kept_layers, plan_2.hidden, plan_2.ffn) == (plan_1.kept_layers, plan_1.hidden, plan_1.ffn)
 
-    one, two = metrics(reference.out), metrics(out)
-    assert [r["step"] for r in two] == list(range(1, STEPS + 1)), "rank 0 alone writes the metrics"
-    worst = 0.0
-    for a, b in zip(one, two):
-        assert a.keys() == b.keys(), (a, b)
-        for key in sorted(set(a) - {"seconds"}):
-            rel = abs(a[key] - b[key]) / max(abs(a[key]), 1e-12)
-            assert rel <= DDP_RTOL, f"step {a['step']} {key}: 1 process {a[key]!r}, 2 processes {b[key]!r}"
-            worst = max(worst, rel)
+    assert [r["step"] for r in metrics(out)] == list(range(1, STEPS + 1)), "rank 0 alone writes the metrics"
+    worst = same_trajectory(metrics(reference.out), metrics(out), "2 processes")
     print(f"\ntorchrun vs 1 process: max relative difference {worst:.2e} (tolerance {DDP_RTOL:.0e})")
     w1, w2 = weights(reference.out / "final"), weights(out / "final")
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) <= 1e-5
@@ -448,15 +453,8 @@ def fsdp_run(reference, tmp_path_factory):
 
 def test_fsdp_two_processes_match_one(reference, fsdp_run):
     """FSDP2 shards the student but computes what one process computes: same losses, metrics and final weights."""
-    one, two = metrics(reference.out), metrics(fsdp_run.out)
-    assert [r["step"] for r in two] == list(range(1, STEPS + 1))
-    worst = 0.0
-    for a, b in zip(one, two):
-        assert a.keys() == b.keys(), (a, b)
-        for key in sorted(set(a) - {"seconds"}):
-            rel = abs(a[key] - b[key]) / max(abs(a[key]), 1e-12)
-            assert rel <= DDP_RTOL, f"step {a['step']} {key}: 1 process {a[key]!r}, FSDP {b[key]!r}"
-            worst = max(worst, rel)
+    assert [r["step"] for r in metrics(fsdp_run.out)] == list(range(1, STEPS + 1))
+    worst = same_trajectory(metrics(reference.out), metrics(fsdp_run.out), "FSDP")
     print(f"\nFSDP vs 1 process: max relative difference {worst:.2e} (tolerance {DDP_RTOL:.0e})")
     w1, w2 = weights(reference.out / "final"), weights(fsdp_run.out / "final")
     assert w1.keys() == w2.keys()
