@@ -28,7 +28,7 @@ def evaluate(model, batches: Iterable[Batch], teacher=None, desc: str = "evaluat
         mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()  # (B, S-1, V)
         valid = torch.ones_like(ids[:, 1:], dtype=torch.float32) if mask is None else mask[:, 1:].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, S-1)
+        nll = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(valid.shape)
         totals[0] += (nll * valid).sum().double()
         totals[2] += valid.sum().double()
         if teacher is not None:

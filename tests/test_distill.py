@@ -123,6 +123,17 @@ def test_kl_losses_are_zero_for_identical_logits_and_match_the_definition():
     torch.testing.assert_close(losses.forward_kl(noisy, t, VALID), losses.forward_kl(s, t, VALID))
 
 
+def test_forward_kl_gradient_is_the_definitions():
+    """forward_kl is computed as cross entropy minus the teacher's entropy: same gradient as the plain formula."""
+    t = logits(9)
+    for temperature in (1.0, 2.0):
+        fast, plain = logits(10).requires_grad_(True), logits(10).requires_grad_(True)
+        losses.forward_kl(fast, t, VALID, temperature).backward()
+        (manual_kl(t / temperature, plain / temperature, VALID) * temperature**2).backward()
+        torch.testing.assert_close(fast.grad, plain.grad)
+        assert float(fast.grad[0, 3:].abs().max()) == 0.0  # padded positions get no gradient
+
+
 @pytest.mark.parametrize("temperature", [0.5, 2.0, 4.0])
 def test_temperature_softens_both_distributions_and_scales_by_t_squared(temperature):
     s, t = logits(2), logits(3)
