@@ -217,7 +217,10 @@ class MegatronConfig:
 
     tensor_parallel_size: GPUs one model is split across (the model's KV heads and FFN size must be multiples of it,
         and so must prune.export_config.num_query_groups / ffn_hidden_size).
-    pipeline_parallel_size: 1 (pipeline parallelism is not supported yet).
+    pipeline_parallel_size: pipeline stages one model is split into, each holding a block of consecutive layers
+        (an even split; where the layer count is not a multiple of it, the first stages hold one layer more; it may
+        not exceed the layer count). Calibration, depth scoring and pruning run forward-only through the stages.
+        Processes per model replica = tensor_parallel_size x pipeline_parallel_size.
     transformer_impl: local (megatron-core's own layers) | transformer_engine (TransformerEngine layers) | auto
         (TransformerEngine on a GPU where it is installed, else local).
     """
@@ -233,8 +236,8 @@ class LLMPruneConfig:
 
     recipe: the recipe this config was composed from (set automatically).
     output_dir: the run directory; every artifact goes there.
-    backend: hf (transformers modules) | megatron (megatron-core with tensor parallelism, llama-like models; see
-        the megatron group).
+    backend: hf (transformers modules) | megatron (megatron-core with tensor and pipeline parallelism, llama-like
+        models; see the megatron group).
     seed: seeds data sampling and baselines.
     """
 
@@ -417,9 +420,6 @@ def _megatron_problems(cfg: DictConfig) -> list[str]:
     for key in ("tensor_parallel_size", "pipeline_parallel_size"):
         if cfg.megatron[key] < 1:
             problems.append(f"megatron.{key}={cfg.megatron[key]} must be at least 1.")
-    if cfg.megatron.pipeline_parallel_size > 1:
-        problems.append(f"megatron.pipeline_parallel_size={cfg.megatron.pipeline_parallel_size}: pipeline parallelism "
-                        "is not supported yet; set it to 1 and split the model with megatron.tensor_parallel_size.")
     if cfg.prune.importance != "activation":
         problems.append(f"prune.importance={cfg.prune.importance} needs backend=hf; backend=megatron computes "
                         "activation (Minitron) scores only.")
@@ -429,10 +429,14 @@ def _megatron_problems(cfg: DictConfig) -> list[str]:
                         f"models ({', '.join(MEGATRON_FAMILIES)}). Use backend=hf.")
     config_json = Path(str(cfg.model.path)).expanduser() / "config.json"
     if config_json.is_file():
-        model_type = json.loads(config_json.read_text()).get("model_type")
+        model_config = json.loads(config_json.read_text())
+        model_type, layers = model_config.get("model_type"), model_config.get("num_hidden_layers")
         if model_type not in MEGATRON_FAMILIES:
             problems.append(f"backend=megatron converts llama-like models ({', '.join(MEGATRON_FAMILIES)}); "
                             f"model.path={cfg.model.path} is a '{model_type}' model. Use backend=hf.")
+        elif layers is not None and layers < cfg.megatron.pipeline_parallel_size:
+            problems.append(f"megatron.pipeline_parallel_size={cfg.megatron.pipeline_parallel_size} exceeds the "
+                            f"model's {layers} layers (each pipeline stage holds at least one); lower it.")
     return problems
 
 

@@ -4,7 +4,8 @@ For every scored activation A[b, s, c] each batch adds sum_b (mean_s |A[b, s, c]
 only, so padding never enters a score) and the final score is the square root: an L2 over samples of the
 per-sample mean magnitude (Minitron, arXiv:2407.14679 Sec. 2.2). Sums are float32 and are all-reduced across
 ranks under torchrun, so every rank builds the same plan. Block Importance (1 - cosine between a layer's input
-and output hidden states, ShortGPT arXiv:2403.03853) comes from the same pass.
+and output hidden states, ShortGPT arXiv:2403.03853) comes from the same pass. Under pipeline parallelism each stage
+scores its own layers; the adapter's derive_scores and a sum over the stages give every rank every layer's scores.
 
 Score names (all plain tensors, saved in importance.safetensors):
   ffn.{i} (ffn,), attn.{i} (heads * head_dim,), heads.{i} (heads,), hidden.{i}.{norm} (hidden,), hidden (hidden,),
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from llmprune.data import Batch
-from llmprune.distributed import all_reduce_sum, is_rank_zero
+from llmprune.distributed import all_reduce_sum, is_rank_zero, layer_stages
 from llmprune.progress import progress
 
 
@@ -70,8 +71,9 @@ def _hook_sites(sites, stats: ActivationScores, seq_first: bool = False) -> list
     return handles
 
 
-def _hook_block_importance(layers, totals: torch.Tensor, stats: ActivationScores, seq_first: bool = False) -> list:
-    """Adds sum over real tokens of (1 - cos(x_in, x_out)) per layer into totals[i]."""
+def _hook_block_importance(layers, layer_ids, totals: torch.Tensor, stats: ActivationScores,
+                           seq_first: bool = False) -> list:
+    """Adds sum over real tokens of (1 - cos(x_in, x_out)) per layer into totals[i] (i: the layer's global index)."""
 
     def hook(i):
         def fn(mod, args, kwargs, out):
@@ -85,23 +87,25 @@ def _hook_block_importance(layers, totals: torch.Tensor, stats: ActivationScores
             totals[i] += dissimilarity.sum()
         return fn
 
-    return [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    return [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in zip(layer_ids, layers)]
 
 
 @torch.no_grad()
 def activation_scores(model, adapter, batches: Iterable[Batch], total: int | None = None) -> dict[str, torch.Tensor]:
     """One calibration pass: Minitron channel scores for every site of `adapter` plus Block Importance.
 
-    The LM head is skipped (nothing is scored there), so the pass runs the backbone only.
+    The LM head is skipped (nothing is scored there), so the pass runs the backbone only (every pipeline stage its
+    part of it).
     """
-    group = getattr(adapter, "data_parallel_group", None)  # megatron TP: ranks of one model share their samples
+    group = getattr(adapter, "data_parallel_group", None)  # megatron TP / PP: ranks of one model share their samples
     seq_first = getattr(adapter, "seq_first", False)
+    stages = layer_stages(adapter)
     stats = ActivationScores(group)
     device = next(model.parameters()).device
-    bi_totals = torch.zeros(len(adapter.layers), dtype=torch.float32, device=device)
+    bi_totals = torch.zeros(stages.num_layers, dtype=torch.float32, device=device)  # this stage fills its layers
     tokens = torch.zeros((), dtype=torch.float32, device=device)
     handles = _hook_sites(adapter.importance_sites(), stats, seq_first)
-    handles += _hook_block_importance(adapter.layers, bi_totals, stats, seq_first)
+    handles += _hook_block_importance(adapter.layers, stages.layer_ids, bi_totals, stats, seq_first)
     was_training = model.training
     model.eval()
     try:
@@ -117,7 +121,8 @@ def activation_scores(model, adapter, batches: Iterable[Batch], total: int | Non
             handle.remove()
         model.train(was_training)
     scores = adapter.derive_scores(stats.finalize())
-    scores["block_importance"] = (all_reduce_sum(bi_totals, group) / all_reduce_sum(tokens, group)).cpu()
+    block_importance = all_reduce_sum(bi_totals, group) / all_reduce_sum(tokens, group)
+    scores["block_importance"] = stages.sum(block_importance).cpu()
     return scores
 
 

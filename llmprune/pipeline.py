@@ -1,8 +1,9 @@
 """One run, read top to bottom: load -> data -> [correct teacher] -> [convert] -> calibrate -> plan -> prune ->
 evaluate -> export pruned/ -> [distill -> export final/] -> [push] -> report.
 
-backend=megatron converts the teacher to a megatron-core GPTModel (split over tensor-parallel ranks) for calibration
-and pruning; the pruned model comes back as a Hugging Face student, so every later stage is the same for both.
+backend=megatron converts the teacher to a megatron-core GPTModel (split over tensor-parallel ranks and pipeline
+stages) for calibration and pruning; the pruned model comes back as a Hugging Face student on every rank, so every
+later stage is the same for both.
 
 Every stage writes its artifact into `output_dir`; calibration is skipped when importance.safetensors was made
 from the same model, data and scoring settings, so re-pruning to another target costs seconds.
@@ -138,7 +139,8 @@ def unit_names(root: torch.nn.Module, layers) -> tuple[str, ...]:
 
 
 def megatron_model(cfg: DictConfig, teacher):
-    """The teacher as a megatron-core GPTModel split over megatron.tensor_parallel_size ranks, with its adapter."""
+    """The teacher as a megatron-core GPTModel split over megatron.tensor_parallel_size ranks and
+    megatron.pipeline_parallel_size stages, with its adapter."""
     from llmprune.adapters.megatron_gpt import MegatronGPTAdapter
 
     m = cfg.megatron
@@ -149,7 +151,8 @@ def megatron_model(cfg: DictConfig, teacher):
 
 def prune_to_hf(teacher, model, adapter, plan: PruningPlan):
     """The pruned student as a Hugging Face model, with its adapter. backend=hf prunes a copy of the teacher;
-    backend=megatron prunes the GPTModel, gathers it into the teacher's class and releases megatron-core."""
+    backend=megatron prunes the GPTModel, gathers it (every TP shard and pipeline stage) into the teacher's class on
+    every rank and releases megatron-core."""
     if model is teacher:
         student = copy.deepcopy(teacher)
         student_adapter = get_adapter(student)
@@ -236,8 +239,9 @@ def run(cfg: DictConfig) -> dict:
         target = resolve_targets(dims, OmegaConf.to_container(cfg.prune.export_config),  # fail before calibrating
                                  family=adapter.family)
         check_exportable(adapter, target, cfg.export.architecture)
-        if cfg.backend == "megatron":  # fail before calibrating: the model converts and the targets split over TP
-            check_convertible(teacher.config, cfg.megatron.tensor_parallel_size, target)
+        if cfg.backend == "megatron":  # fail before calibrating: the model converts, the targets split over TP
+            check_convertible(teacher.config, cfg.megatron.tensor_parallel_size, target,
+                              cfg.megatron.pipeline_parallel_size)
 
     with t.stage("data"):
         docs = text.load_documents(cfg.data.source, cfg.data.paths, cfg.data.dataset, cfg.data.dataset_config,

@@ -1,9 +1,11 @@
 """Megatron backend tier (backend=megatron): llama-like HF models as megatron-core GPTModels, on the CPU.
 
 megatron-core's local layers run here through the test-only shim tests/megatron_cpu.py (its CUDA-only device and
-RNG-tracker calls redirected to the CPU); tensor parallelism runs under torchrun with gloo. Conversion both ways is
-exact; logits, scores and exported weights match the HF backend's; TP=2 matches TP=1; a recipe runs end to end with
-backend=megatron; bad configurations fail before any work. tests/test_megatron_gpu.py runs the same on CUDA.
+RNG-tracker calls redirected to the CPU); tensor and pipeline parallelism run under torchrun with gloo. Conversion both
+ways is exact; logits, scores and exported weights match the HF backend's; TP=2 and PP=2 match one process (and
+tests/megatron_pipeline_check.py checks PP=2 against the HF backend: tied embeddings, all depth scores, an emptied
+last stage); a recipe runs end to end with backend=megatron; bad configurations fail before any work.
+tests/test_megatron_gpu.py runs the same on CUDA.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from llmprune.adapters import get_adapter
 from llmprune.adapters.megatron_gpt import MegatronGPTAdapter
 from llmprune.data import to_batches
 from llmprune.depth import removal_scores
+from llmprune.distributed import Stages
 from llmprune.importance import activation_scores
 from llmprune.megatron import convert, parallel
 from llmprune.plan import make_plan
@@ -262,45 +265,86 @@ def test_recipe_runs_end_to_end_with_backend_megatron(runs):
     assert not dist.is_initialized(), "the run must release the process group it made"
 
 
-def test_torchrun_tensor_parallel_2_matches_tp_1(runs, tmp_path):
-    """2 CPU processes (gloo), one model split in two: the same scores, plan and exported weights as TP=1."""
-    out = tmp_path / "tp2"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "tests" / "megatron_launch.py"), f"recipe={RECIPE}",
-               *tiny_run_overrides(runs.model_dir, out, *TINY_TARGETS, "backend=megatron",
-                                   "megatron.tensor_parallel_size=2", "distill.max_steps=0")]
-    result = subprocess.run(command, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=420)
+def launch(script: str, nproc: int, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`script` (in tests/) on `nproc` CPU processes under torchrun (gloo)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "tests" / script), *args]
+    result = subprocess.run(command, cwd=cwd, env=env(), capture_output=True, text=True, timeout=420)
     assert result.returncode == 0, result.stderr[-4000:]
+    return result
 
-    one, two = (load_file(str(d / "importance.safetensors")) for d in (runs.megatron.dir, out))
-    assert one.keys() == two.keys()
+
+def assert_same_run(out: Path, reference: Path, what: str) -> None:
+    """The run in `out` has the scores (float tolerance), plan and exported weights (bitwise) of `reference`."""
+    one, two = (load_file(str(d / "importance.safetensors")) for d in (reference, out))
+    assert one.keys() == two.keys(), sorted(set(one) ^ set(two))
     for name in one:  # drop-one values are differences of losses: compare them absolutely
         scale = 1.0 if name.startswith("depth.") else one[name].abs().max().item()
         diff = (two[name] - one[name]).abs().max().item() / scale
-        assert diff <= 1e-5, f"{name}: TP=2 differs from TP=1 by {diff:.3g}"
-    plan_1, plan_2 = (PruningPlan.from_json((d / "plan.json").read_text()) for d in (runs.megatron.dir, out))
+        assert diff <= 1e-5, f"{name}: {what} differs from one process by {diff:.3g}"
+    plan_1, plan_2 = (PruningPlan.from_json((d / "plan.json").read_text()) for d in (reference, out))
     assert (plan_2.kept_layers, plan_2.hidden, plan_2.ffn, plan_2.heads, plan_2.groups) == (
         plan_1.kept_layers, plan_1.hidden, plan_1.ffn, plan_1.heads, plan_1.groups)
-    w1, w2 = weights(runs.megatron.dir / "pruned"), weights(out / "pruned")
+    w1, w2 = weights(reference / "pruned"), weights(out / "pruned")
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
     report = json.loads((out / "report.json").read_text())
     assert report["export_check"]["pruned"]["max_abs_logit_diff"] < 1e-4
+
+
+def test_torchrun_tensor_parallel_2_matches_tp_1(runs, tmp_path):
+    """2 CPU processes (gloo), one model split in two: the same scores, plan and exported weights as TP=1."""
+    out = tmp_path / "tp2"
+    result = launch("megatron_launch.py", 2, tmp_path, f"recipe={RECIPE}",
+                    *tiny_run_overrides(runs.model_dir, out, *TINY_TARGETS, "backend=megatron",
+                                        "megatron.tensor_parallel_size=2", "distill.max_steps=0"))
+    assert_same_run(out, runs.megatron.dir, "TP=2")
     logs = result.stderr.replace("\r", "\n")
     assert logs.count("[llmprune] stage: convert") == 1, logs[-3000:]  # rank 0 logs
 
 
+def test_torchrun_pipeline_parallel_2_matches_pp_1(runs, tmp_path):
+    """2 CPU processes, one model in two pipeline stages of 2 layers (drop-one depth scoring runs across them; the
+    pruned model keeps 3): the same scores, plan and exported weights as one process."""
+    out = tmp_path / "pp2"
+    launch("megatron_launch.py", 2, tmp_path, f"recipe={RECIPE}",
+           *tiny_run_overrides(runs.model_dir, out, *TINY_TARGETS, "backend=megatron",
+                               "megatron.pipeline_parallel_size=2", "distill.max_steps=0"))
+    assert_same_run(out, runs.megatron.dir, "PP=2")
+
+
+def test_torchrun_pipeline_parallel_2_matches_the_hf_backend(tmp_path):
+    """tests/megatron_pipeline_check.py on 2 processes: tied and untied models, every score, drop-one and contiguous
+    removal for lm_loss and KL, and exports bitwise the HF backend's, also for a plan that empties the last stage.
+    By hand, TP=2 x PP=2: torchrun --nproc_per_node=4 tests/megatron_pipeline_check.py --pp 2 --tp 2."""
+    result = launch("megatron_pipeline_check.py", 2, tmp_path, "--pp", "2")
+    assert result.stdout.count(": ok TP=1 PP=2") == 2, result.stdout[-3000:]
+
+
+def test_pipeline_stages_split_layers_evenly_and_find_their_layers():
+    assert parallel.stage_sizes(8, 2) == [4, 4] and parallel.stage_sizes(10, 4) == [3, 3, 2, 2]
+    stages = Stages(starts=(0, 2, 2, 3), stage=1, ranks=(0, 1, 2))  # stage 1 kept no layers after pruning
+    assert [stages.stage_of(i) for i in range(3)] == [0, 0, 2] and list(stages.layer_ids) == []
+    assert (stages.count, stages.num_layers, stages.first, stages.last) == (3, 3, False, False)
+    assert convert.pipeline_layout([2, 0, 1]) == [["embedding", "decoder", "decoder"], [], ["decoder", "loss"]]
+    assert convert.pipeline_layout([4]) is None
+
+
 # -- bad configurations ---------------------------------------------------------------------------------------------
-def test_config_rejects_megatron_for_other_families_and_settings(tmp_path):
+def test_config_rejects_megatron_for_other_families_and_settings(tiny_model_dirs, tmp_path):
     mamba_dir = save_tiny("mamba2", tmp_path / "mamba2")
     with pytest.raises(ConfigError) as err:
         llmprune.load_config("mamba2_minitron", ["backend=megatron", f"model.path={mamba_dir}",
-                                                 "prune.importance=magnitude", "megatron.pipeline_parallel_size=2",
+                                                 "prune.importance=magnitude", "megatron.pipeline_parallel_size=0",
                                                  "megatron.tensor_parallel_size=0"])
     message = str(err.value)
     for needle in ("'mamba2' model. Use backend=hf", "prune.export_config.mamba_num_heads is a Mamba target",
-                   "prune.importance=magnitude needs backend=hf", "megatron.pipeline_parallel_size=2",
+                   "prune.importance=magnitude needs backend=hf",
+                   "megatron.pipeline_parallel_size=0 must be at least 1",
                    "megatron.tensor_parallel_size=0 must be at least 1"):
         assert needle in message, message
+    with pytest.raises(ConfigError, match="megatron.pipeline_parallel_size=8 exceeds the model's 4 layers"):
+        llmprune.load_config(RECIPE, ["backend=megatron", f"model.path={tiny_model_dirs['llama']}",
+                                      "megatron.pipeline_parallel_size=8"])
     with pytest.raises(ConfigError, match="megatron.transformer_impl='fast' is not one of: local, transformer_engine"):
         llmprune.load_config(RECIPE, ["backend=megatron", "megatron.transformer_impl=fast"])
     assert "megatron" in llmprune.load_config(RECIPE, ["backend=megatron"]).backend
@@ -322,6 +366,8 @@ def test_unconvertible_models_and_settings_are_named():
     for needle in ("attention_bias=True", "mlp_bias=True", "hidden_act='gelu'",
                    "num_key_value_heads=2 is not a multiple of megatron.tensor_parallel_size=4"):
         assert needle in str(err.value), str(err.value)
+    with pytest.raises(ConfigError, match="num_hidden_layers=4 is smaller than megatron.pipeline_parallel_size=8"):
+        convert.check_convertible(tiny_config("llama"), 1, pp=8)
     with pytest.raises(ConfigError, match="sliding_window=4096"):
         convert.check_convertible(tiny_config("mistral", sliding_window=4096), 1)
     with pytest.raises(ConfigError, match="RoPE scaling .*'rope_type': 'yarn'"):

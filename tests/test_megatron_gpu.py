@@ -1,6 +1,6 @@
 """Megatron backend on CUDA (marked gpu; skipped without a GPU): no CPU shim, megatron-core's own device and RNG
-handling, TransformerEngine layers where installed (megatron.transformer_impl=auto), nccl; TP=2 under torchrun
-where two GPUs are visible. The CPU tier (tests/test_megatron.py) checks the same things bit for bit."""
+handling, TransformerEngine layers where installed (megatron.transformer_impl=auto), nccl; TP=2 and PP=2 under
+torchrun where two GPUs are visible. The CPU tier (tests/test_megatron.py) checks the same things bit for bit."""
 
 from __future__ import annotations
 
@@ -73,24 +73,28 @@ def test_megatron_on_cuda_matches_hf(impl, no_tf32):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_torchrun_tensor_parallel_2_on_gpus(tiny_model_dirs, tmp_path):
-    """`python -m llmprune` itself (no shim) with TP=2 over two GPUs (nccl) against TP=1 on one."""
+def test_torchrun_tensor_and_pipeline_parallel_2_on_gpus(tiny_model_dirs, tmp_path):
+    """`python -m llmprune` itself (no shim) with TP=2, then PP=2, over two GPUs (nccl) against one GPU."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "HF_HUB_OFFLINE": "1", "NVIDIA_TF32_OVERRIDE": "0"}
     targets = ("prune.export_config.hidden_size=40", "prune.export_config.ffn_hidden_size=48",
                "prune.export_config.num_attention_heads=4", "prune.export_config.num_layers=3",
                "prune.depth.num_samples=2", "distill.max_steps=0", "backend=megatron", "model.device=cuda")
     runs = {}
-    for tp in (1, 2):
-        out = tmp_path / f"tp{tp}"
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}",
+    for tp, pp in ((1, 1), (2, 1), (1, 2)):
+        out = tmp_path / f"tp{tp}_pp{pp}"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp * pp}",
                    "-m", "llmprune", "recipe=smollm2_minitron",
-                   *tiny_run_overrides(tiny_model_dirs["llama"], out, *targets, f"megatron.tensor_parallel_size={tp}")]
+                   *tiny_run_overrides(tiny_model_dirs["llama"], out, *targets, f"megatron.tensor_parallel_size={tp}",
+                                       f"megatron.pipeline_parallel_size={pp}")]
         result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-4000:]
-        runs[tp] = out
-    plan_1, plan_2 = (PruningPlan.from_json((runs[tp] / "plan.json").read_text()) for tp in (1, 2))
-    assert (plan_2.kept_layers, plan_2.hidden, plan_2.ffn, plan_2.heads) == (plan_1.kept_layers, plan_1.hidden,
-                                                                              plan_1.ffn, plan_1.heads)
-    w1, w2 = (load_file(str(runs[tp] / "pruned" / "model.safetensors")) for tp in (1, 2))
-    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+        runs[tp, pp] = out
+    plan_1 = PruningPlan.from_json((runs[1, 1] / "plan.json").read_text())
+    w1 = load_file(str(runs[1, 1] / "pruned" / "model.safetensors"))
+    for split in ((2, 1), (1, 2)):
+        plan_2 = PruningPlan.from_json((runs[split] / "plan.json").read_text())
+        assert (plan_2.kept_layers, plan_2.hidden, plan_2.ffn, plan_2.heads) == (
+            plan_1.kept_layers, plan_1.hidden, plan_1.ffn, plan_1.heads), split
+        w2 = load_file(str(runs[split] / "pruned" / "model.safetensors"))
+        assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1), split

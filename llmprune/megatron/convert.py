@@ -1,4 +1,5 @@
-"""Hugging Face llama-like checkpoints (llama, mistral, qwen2, qwen3) <-> megatron-core GPTModel, split over TP ranks.
+"""Hugging Face llama-like checkpoints (llama, mistral, qwen2, qwen3) <-> megatron-core GPTModel, split over TP ranks
+and pipeline stages.
 
 The name map below is the whole correspondence. Megatron fuses and splits some weights differently:
 - linear_qkv rows are grouped by KV head: for each query group g, [its query heads; k_g; v_g] (each head_dim rows).
@@ -8,6 +9,9 @@ The name map below is the whole correspondence. Megatron fuses and splits some w
 - linear_proj / linear_fc2 are row-parallel: their input columns (heads, FFN neurons) are split over the ranks.
 - the word embeddings and the output layer are split by vocabulary rows (padded to a multiple of TP).
 Norms and the q/k layernorms are replicated.
+Under pipeline parallelism each stage builds and loads only its layers (layer_number stays global), the first stage
+the word embeddings, the last the final norm and the output layer; with tied embeddings the last stage's output layer
+is megatron's copy of the word embeddings, loaded from the same checkpoint tensor.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from torch import nn
 
 from llmprune.config import ConfigError
-from llmprune.megatron.parallel import Parallel, gather_tp, require_megatron
+from llmprune.megatron.parallel import Parallel, gather_stages, gather_tp, require_megatron, stage_sizes
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -72,9 +76,9 @@ def rope_settings(c) -> dict:
     return {"rotary_base": rope["rope_theta"], "rope_scaling": True, "rope_scaling_factor": float(rope["factor"])}
 
 
-def check_convertible(c, tp: int, target: dict[str, int] | None = None) -> None:
-    """Raise one ConfigError listing why HF config `c` (pruned to `target`) cannot run as a GPTModel over `tp` ranks;
-    also when megatron-core is not installed."""
+def check_convertible(c, tp: int, target: dict[str, int] | None = None, pp: int = 1) -> None:
+    """Raise one ConfigError listing why HF config `c` (pruned to `target`) cannot run as a GPTModel over `tp`
+    tensor-parallel ranks and `pp` pipeline stages; also when megatron-core is not installed."""
     require_megatron()
     if c.model_type not in LLAMA_LIKE:
         raise ConfigError(f"backend=megatron converts llama-like models ({', '.join(LLAMA_LIKE)}); model.path is a "
@@ -95,6 +99,9 @@ def check_convertible(c, tp: int, target: dict[str, int] | None = None) -> None:
         if value % tp:
             problems.append(f"the model's {key}={value} is not a multiple of megatron.tensor_parallel_size={tp} "
                             "(each TP rank holds an equal share of query groups and FFN neurons)")
+    if c.num_hidden_layers < pp:
+        problems.append(f"the model's num_hidden_layers={c.num_hidden_layers} is smaller than "
+                        f"megatron.pipeline_parallel_size={pp} (each pipeline stage holds at least one layer)")
     for key in ("num_query_groups", "ffn_hidden_size") if target else ():
         if target[key] % tp:
             problems.append(f"prune.export_config.{key}={target[key]} is not a multiple of "
@@ -102,7 +109,8 @@ def check_convertible(c, tp: int, target: dict[str, int] | None = None) -> None:
                             f"ranks; choose a multiple of {tp}")
     if problems:
         raise ConfigError("backend=megatron cannot run this model:\n  - " + "\n  - ".join(problems)
-                          + "\nChange the targets or megatron.tensor_parallel_size, or use backend=hf.")
+                          + "\nChange the targets, megatron.tensor_parallel_size or megatron.pipeline_parallel_size, "
+                          "or use backend=hf.")
 
 
 def head_dim(c) -> int:
@@ -130,8 +138,20 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
-def transformer_config(c, parallel: Parallel, dtype: torch.dtype, impl: str):
-    """megatron-core TransformerConfig for HF config `c`: RMSNorm, SwiGLU, RoPE, GQA, no dropout, no fusions."""
+def pipeline_layout(sizes: list[int]) -> list[list[str]] | None:
+    """megatron-core's pipeline_model_parallel_layout for `sizes[p]` decoder layers on stage p: any split, also an
+    uneven one after pruning (a stage may keep no layers). None for one stage."""
+    if len(sizes) == 1:
+        return None
+    layout = [["decoder"] * n for n in sizes]
+    layout[0].insert(0, "embedding")
+    layout[-1].append("loss")
+    return layout
+
+
+def transformer_config(c, parallel: Parallel, dtype: torch.dtype, impl: str, sizes: list[int]):
+    """megatron-core TransformerConfig for HF config `c` with `sizes[p]` layers on pipeline stage p: RMSNorm, SwiGLU,
+    RoPE, GQA, no dropout, no fusions."""
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
@@ -145,6 +165,7 @@ def transformer_config(c, parallel: Parallel, dtype: torch.dtype, impl: str):
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
         tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp, sequence_parallel=False,
+        pipeline_model_parallel_layout=pipeline_layout(sizes),
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         use_cpu_initialization=parallel.device.type == "cpu", perform_initialization=False, transformer_impl=impl)
 
@@ -180,15 +201,23 @@ def layer_spec(impl: str, qk_layernorm: bool):
         pre_mlp_layernorm=norm, mlp=mlp, mlp_bda=get_bias_dropout_add))
 
 
-def build_model(c, parallel: Parallel, dtype: torch.dtype, impl: str) -> nn.Module:
-    """An uninitialized megatron-core GPTModel (this rank's shard) with the shape of HF config `c`."""
+def build_model(c, parallel: Parallel, dtype: torch.dtype, impl: str, sizes: list[int] | None = None) -> nn.Module:
+    """An uninitialized megatron-core GPTModel (this rank's shard: its TP slice of its pipeline stage) with the shape
+    of HF config `c` and `sizes[p]` layers on stage p (default: stage_sizes' even split)."""
     from megatron.core.models.gpt import GPTModel
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
     check_convertible(c, parallel.tp)
-    model = GPTModel(transformer_config(c, parallel, dtype, impl), layer_spec(impl, c.model_type == "qwen3"),
+    sizes = sizes or stage_sizes(c.num_hidden_layers, parallel.pp)
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    # No embedding group: megatron would all-reduce the first stage's word embeddings into the last stage's copy (the
+    # tied output layer); both copies are loaded from the checkpoint instead.
+    groups.embd = None
+    model = GPTModel(transformer_config(c, parallel, dtype, impl, sizes), layer_spec(impl, c.model_type == "qwen3"),
                      vocab_size=padded_vocab(c, parallel.tp), max_sequence_length=c.max_position_embeddings,
+                     pre_process=parallel.pp_rank == 0, post_process=parallel.pp_rank == parallel.pp - 1,
                      parallel_output=True, share_embeddings_and_output_weights=bool(c.tie_word_embeddings),
-                     position_embedding_type="rope", rotary_percent=1.0, **rope_settings(c))
+                     position_embedding_type="rope", rotary_percent=1.0, pg_collection=groups, **rope_settings(c))
     return model.to(parallel.device).eval()
 
 
@@ -279,25 +308,33 @@ def layer_index(layer: nn.Module) -> int:
 
 
 def load_hf_state(model: nn.Module, state: dict[str, torch.Tensor], c, parallel: Parallel) -> None:
-    """Fill this rank's shard of `model` from a full HF state dict; every HF tensor must find its place."""
-    used = set()
+    """Fill this rank's shard of `model` (its pipeline stage) from a full HF state dict; every HF tensor of the stage's
+    layers must find its place, and nothing outside the layers may be other than the embeddings, final norm and
+    LM head."""
+    used, own = set(), set()
     for layer in model.decoder.layers:
         prefix = f"model.layers.{layer_index(layer)}."
         tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         used |= {prefix + k for k in from_hf(layer, LAYER_MAP, tensors, c, parallel)}
+        own |= {prefix + k for k in tensors}
     used |= from_hf(model, GLOBAL_MAP, state, c, parallel)
-    left = sorted(set(state) - used - ({"lm_head.weight"} if c.tie_word_embeddings else set()))
+    outside = {k for k in state if not k.startswith("model.layers.")}
+    known = {name for hf_names, _ in GLOBAL_MAP.values() for name in hf_names}
+    left = sorted((own - used) | (outside - known))
     assert not left, f"HF weights without a megatron place: {left[:8]}"
 
 
 def to_hf_state(model: nn.Module, c, parallel: Parallel) -> dict[str, torch.Tensor]:
-    """The full HF state dict of `model` (TP shards gathered on every rank), on the CPU."""
+    """The full HF state dict of `model` on every rank, on the CPU: TP shards gathered, then every pipeline stage's
+    tensors (with tied embeddings, the first stage's word embeddings; the last stage's copy is left out)."""
     state = {}
     for layer in model.decoder.layers:
         state.update({f"model.layers.{layer_index(layer)}.{k}": v.cpu()
                       for k, v in to_hf(layer, LAYER_MAP, c, parallel).items()})
     state.update({k: v.cpu() for k, v in to_hf(model, GLOBAL_MAP, c, parallel).items()})
-    return state
+    if c.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return gather_stages(state, parallel)
 
 
 def hf_model(c, state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:

@@ -1,9 +1,13 @@
-"""Model parallelism for the megatron backend: process groups from torchrun, and gathers of tensor-parallel shards.
+"""Model parallelism for the megatron backend: process groups from torchrun, the layers' split into pipeline stages,
+and gathers of tensor-parallel shards and of pipeline stages.
 
-megatron-core's `parallel_state` places tensor-parallel ranks next to each other (order tp-cp-ep-dp-pp): with 4
-processes and TP=2, ranks {0, 1} and {2, 3} each hold one copy of the model split in two, and {0, 2}, {1, 3} are
-the data-parallel groups. All ranks of a TP group must see the same samples; scores are summed over the
-data-parallel group only.
+megatron-core's `parallel_state` orders ranks tp-cp-ep-dp-pp: tensor-parallel ranks sit next to each other, then
+data-parallel replicas, and the pipeline stages are the outermost blocks. With 4 processes and TP=2, ranks {0, 1} and
+{2, 3} each hold one copy of the model split in two, and {0, 2}, {1, 3} are the data-parallel groups. With 4
+processes, TP=2 and PP=2, ranks {0, 1} are stage 0 and {2, 3} stage 1 of the one replica, and the pipeline groups
+(the ranks that hand hidden states to each other) are {0, 2} and {1, 3}. With 4 processes and PP=2 alone, stage 0 is
+{0, 1}, stage 1 is {2, 3}: ranks 0 and 2 form one replica, 1 and 3 the other. All ranks of one replica must see the
+same samples; scores are summed over the data-parallel group, then gathered over the pipeline group.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from llmprune.config import ConfigError
+from llmprune.distributed import Stages
 
 INSTALL_HINT = 'pip install "llmprune[megatron]" (or pip install megatron-core)'
 
@@ -45,7 +50,8 @@ class Parallel:
     Attributes:
         tp / pp / dp: tensor-, pipeline- and data-parallel sizes (tp * pp * dp = world size).
         tp_rank / pp_rank / dp_rank: this process's rank in each.
-        tp_group / dp_group: process groups (None in a single process).
+        tp_group / pp_group / dp_group: process groups.
+        pp_ranks: the global ranks of pp_group, in stage order.
         device: where this rank's shard lives.
         owns_process_group: the default process group was created here (a single process) and is destroyed by close().
     """
@@ -57,9 +63,25 @@ class Parallel:
     pp_rank: int
     dp_rank: int
     tp_group: object
+    pp_group: object
     dp_group: object
+    pp_ranks: tuple[int, ...]
     device: torch.device
     owns_process_group: bool = False
+
+    def stages(self, sizes: list[int]) -> Stages:
+        """The pipeline stages of a model whose stage p holds sizes[p] layers."""
+        assert len(sizes) == self.pp, (sizes, self.pp)
+        starts = [0]
+        for size in sizes:
+            starts.append(starts[-1] + size)
+        return Stages(tuple(starts), self.pp_rank, self.pp_group if self.pp > 1 else None, self.pp_ranks, self.device)
+
+
+def stage_sizes(num_layers: int, pp: int) -> list[int]:
+    """Layers per pipeline stage: an even split; where num_layers is not a multiple of PP, the first stages take one
+    layer more (the last stage also runs the output layer)."""
+    return [num_layers // pp + (p < num_layers % pp) for p in range(pp)]
 
 
 def _init_process_group() -> bool:
@@ -77,8 +99,9 @@ def _init_process_group() -> bool:
 def init_model_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, seed: int = 0) -> Parallel:
     """Set up megatron-core's tensor / pipeline / data-parallel groups over the current processes.
 
-    The world (torchrun's processes, or this one process) is split into TP x PP model replicas; the rest is data
-    parallelism. nccl on GPUs, gloo on CPU. Re-initializes megatron's groups when they exist with other sizes.
+    The world (torchrun's processes, or this one process) is split into model replicas of TP x PP ranks; the rest is
+    data parallelism (see the module docstring for which ranks are stages of one replica). nccl on GPUs, gloo on CPU.
+    Re-initializes megatron's groups when they exist with other sizes.
 
     Raises:
         ConfigError: megatron-core is missing, no CUDA device, or the world size is not a multiple of TP x PP.
@@ -88,9 +111,6 @@ def init_model_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: i
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     tp, pp = tensor_parallel_size, pipeline_parallel_size
-    if pp != 1:
-        raise ConfigError(f"megatron.pipeline_parallel_size={pp}: pipeline parallelism is not supported yet; use "
-                          "megatron.pipeline_parallel_size=1 and spread the model with megatron.tensor_parallel_size.")
     owns = _init_process_group()
     world = dist.get_world_size()
     if world % (tp * pp):
@@ -108,7 +128,10 @@ def init_model_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: i
                     pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
                     dp_rank=parallel_state.get_data_parallel_rank(),
                     tp_group=parallel_state.get_tensor_model_parallel_group(),
-                    dp_group=parallel_state.get_data_parallel_group(), device=device, owns_process_group=owns)
+                    pp_group=parallel_state.get_pipeline_model_parallel_group(),
+                    dp_group=parallel_state.get_data_parallel_group(),
+                    pp_ranks=tuple(dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())),
+                    device=device, owns_process_group=owns)
 
 
 def close(parallel: Parallel) -> None:
@@ -128,3 +151,23 @@ def gather_tp(shard: torch.Tensor, parallel: Parallel) -> list[torch.Tensor]:
     parts = [torch.empty_like(shard) for _ in range(parallel.tp)]
     dist.all_gather(parts, shard, group=parallel.tp_group)
     return parts
+
+
+def gather_stages(tensors: dict[str, torch.Tensor], parallel: Parallel) -> dict[str, torch.Tensor]:
+    """Every pipeline stage's `tensors` (its layers' scores or weights) on every rank of the pipeline group, in stage
+    order and bit for bit, on the CPU. Names, shapes and dtypes go round as objects, then each tensor is broadcast
+    from the stage holding it (on the model's device: nccl sends CUDA tensors)."""
+    if parallel.pp == 1:
+        return tensors
+    specs = [None] * parallel.pp
+    dist.all_gather_object(specs, {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, group=parallel.pp_group)
+    out = {}
+    for stage, spec in enumerate(specs):
+        for name, (shape, dtype) in spec.items():
+            if stage == parallel.pp_rank:
+                tensor = tensors[name].contiguous().to(parallel.device)
+            else:
+                tensor = torch.empty(shape, dtype=dtype, device=parallel.device)
+            dist.broadcast(tensor, parallel.pp_ranks[stage], group=parallel.pp_group)
+            out[name] = tensor.cpu()
+    return out
