@@ -10,6 +10,7 @@ RNG states are restored, so a killed run continues to the same weights as an uni
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import math
 import os
@@ -48,6 +49,23 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+@lru_cache(maxsize=1)
+def reuse_freed_cpu_memory() -> bool:
+    """Keep freed CPU memory in the process for the next allocation (glibc only; True when it took effect).
+
+    glibc hands every freed block above 32 MB back to the OS and page-faults it in again at the next allocation; a
+    CPU training step allocates several logits-sized blocks (B x S x V floats: 200 MB for SmolLM2 at 4 x 256), and
+    that churn cost ~8% of a step (bench/distill_speed.py). Large blocks then come from the heap, which keeps its
+    freed memory; the process's resident size stays at its peak.
+    """
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters from glibc's malloc.h
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc (macOS, musl): the allocator keeps its defaults
+        return False
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -113,23 +131,32 @@ class Student(nn.Module):
         self.projection = projection
         self.hidden_layers = hidden_layers
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                logits_to_keep: int | torch.Tensor = 0, **_):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                         output_hidden_states=bool(self.hidden_layers))
+                         output_hidden_states=bool(self.hidden_layers), logits_to_keep=logits_to_keep)
         states = [out.hidden_states[j + 1] for j in self.hidden_layers]  # output of student layer j
         if self.projection is not None:
             states = [self.projection(s) for s in states]
         return StudentOutput(logits=out.logits, states=states)
 
 
+def predicting_positions(ids: torch.Tensor) -> torch.Tensor:
+    """Positions 0 .. S-2, the ones that predict a next token, as `logits_to_keep`: the LM head then skips the last
+    position and its logits come out contiguous, with no (B, S-1, V) slice copy forward and backward."""
+    return torch.arange(ids.shape[1] - 1, device=ids.device)
+
+
 def distill_loss(teacher: nn.Module, cfg, teacher_layers: tuple[int, ...]):
     """The configured mix of KD losses: (module, input_ids) -> (loss, {part: value})."""
 
     def compute(module: nn.Module, ids: torch.Tensor):
+        keep = predicting_positions(ids)
         with torch.no_grad():
-            t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=bool(teacher_layers))
-        student = module(ids)
-        s, t = student.logits[:, :-1], t_out.logits[:, :-1]  # positions that predict a next token
+            t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=bool(teacher_layers),
+                            logits_to_keep=keep)
+        student = module(ids, logits_to_keep=keep)
+        s, t = student.logits, t_out.logits  # (B, S-1, V)
         valid = torch.ones(ids.shape[0], ids.shape[1] - 1, device=ids.device)
         parts = {}
         if cfg.kl_weight:
@@ -153,7 +180,7 @@ def distill_loss(teacher: nn.Module, cfg, teacher_layers: tuple[int, ...]):
 
 def lm_only_loss(module: nn.Module, ids: torch.Tensor):
     """Plain LM fine-tuning (teacher correction)."""
-    logits = module(input_ids=ids, use_cache=False).logits[:, :-1]
+    logits = module(input_ids=ids, use_cache=False, logits_to_keep=predicting_positions(ids)).logits  # (B, S-1, V)
     loss = losses.lm_loss(logits, ids[:, 1:], torch.ones_like(ids[:, 1:], dtype=torch.float32))
     return loss, {"lm": loss.detach()}
 
@@ -213,6 +240,8 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
     world = world_size()
     accum = accumulation_steps(cfg.global_batch_size, cfg.micro_batch_size, world)
     fsdp = is_distributed() and cfg.strategy == "fsdp"
+    if device.type == "cpu" and reuse_freed_cpu_memory():
+        log.info(f"{name}: freed CPU memory is kept for reuse (glibc mallopt), sparing page faults every step")
     trained = _sharded_replica(module, shard_units) if fsdp else module
     if fsdp:
         local = sum(p.to_local().numel() for p in trained.parameters())

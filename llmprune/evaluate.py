@@ -26,13 +26,14 @@ def evaluate(model, batches: Iterable[Batch], teacher=None, desc: str = "evaluat
     for batch in progress(batches, desc=desc):
         ids = batch.input_ids.to(device)
         mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()  # (B, S-1, V)
+        keep = torch.arange(ids.shape[1] - 1, device=device)  # the positions that predict a next token
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits.float()
         valid = torch.ones_like(ids[:, 1:], dtype=torch.float32) if mask is None else mask[:, 1:].float()
         nll = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(valid.shape)
         totals[0] += (nll * valid).sum().double()
         totals[2] += valid.sum().double()
         if teacher is not None:
-            t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits.float()
             t_logprobs = F.log_softmax(t_logits, dim=-1)
             kl = (t_logprobs.exp() * (t_logprobs - F.log_softmax(logits, dim=-1))).sum(-1)  # (B, S-1)
             totals[1] += (kl * valid).sum().double()
