@@ -112,6 +112,9 @@ def main() -> None:
             history = distill(student, teacher, scorer, s, steps, {steps_of[b] for b in run_budgets}, run_dir)
             seconds = time.perf_counter() - start
             timed = [r for r in history if "seconds" in r]
+            # "seconds" counts from the start of each session: the median gap between consecutive steps survives
+            # resumes (a gap across a restart is negative and dropped; evaluation gaps are outliers)
+            gaps = sorted(b["seconds"] - a["seconds"] for a, b in zip(timed, timed[1:]) if b["seconds"] > a["seconds"])
             for b in run_budgets:
                 at = next(r for r in history if r["step"] == steps_of[b])
                 rows.append({"method": method, "schedule": schedule, "tokens": at["tokens"], "steps": at["step"],
@@ -119,7 +122,7 @@ def main() -> None:
                              "ppl_pruned": before["perplexity"], "kl_pruned": before["kl_to_teacher"],
                              "ppl_distilled": at["eval_perplexity"], "kl_distilled": at["eval_kl"],
                              "train_loss": at["loss"], "seconds_this_session": round(seconds, 1),
-                             "seconds_per_step": round(timed[-1]["seconds"] / max(1, len(timed)), 2)})
+                             "seconds_per_step": round(gaps[len(gaps) // 2], 2) if gaps else None})
                 print(json.dumps(rows[-1]), flush=True)
     rows.sort(key=lambda r: (r["method"], r.get("schedule", ""), r["tokens"]))
     result = {"teacher_ppl": teacher_eval["perplexity"], "target": TARGET, "heldout_tokens": s.splits.heldout.numel(),
