@@ -19,6 +19,7 @@ from llmprune.adapters import get_adapter
 from llmprune.models import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
+WIDTH_TARGET = {"hidden_size": 448, "ffn_hidden_size": 1024}  # the default recipe's width target
 
 
 @dataclass

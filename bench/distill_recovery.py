@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, CachedTeacher, machine_info, setup  # noqa: E402
+from _common import RESULTS, WIDTH_TARGET, CachedTeacher, md_table, setup, write_results  # noqa: E402
 
 from llmprune.adapters import get_adapter  # noqa: E402
 from llmprune.api import prune  # noqa: E402
@@ -34,7 +34,6 @@ from llmprune.config import DistillConfig  # noqa: E402
 from llmprune.distill import Student, distill_loss, train  # noqa: E402
 from llmprune.evaluate import evaluate  # noqa: E402
 
-TARGET = {"hidden_size": 448, "ffn_hidden_size": 1024}
 SEQ, BATCH = 256, 4
 TOKENS_PER_STEP = SEQ * BATCH
 
@@ -42,7 +41,7 @@ TOKENS_PER_STEP = SEQ * BATCH
 def student_for(method: str, s) -> torch.nn.Module:
     student = copy.deepcopy(s.model)
     importance = "activation" if method in ("minitron", "random_init") else method
-    prune(student, export_config=TARGET, calib_data=s.splits.calib, importance=importance, batch_size=BATCH)
+    prune(student, export_config=WIDTH_TARGET, calib_data=s.splits.calib, importance=importance, batch_size=BATCH)
     if method == "random_init":  # same architecture, weights drawn like transformers' llama initialisation
         torch.manual_seed(0)
         with torch.no_grad():
@@ -125,22 +124,18 @@ def main() -> None:
                              "seconds_per_step": round(gaps[len(gaps) // 2], 2) if gaps else None})
                 print(json.dumps(rows[-1]), flush=True)
     rows.sort(key=lambda r: (r["method"], r.get("schedule", ""), r["tokens"]))
-    result = {"teacher_ppl": teacher_eval["perplexity"], "target": TARGET, "heldout_tokens": s.splits.heldout.numel(),
-              "train_tokens": s.splits.train.numel(), "machine": machine_info(), "argv": sys.argv[1:], "rows": rows}
-    out_json.write_text(json.dumps(result, indent=1))
-    lines = ["## Distillation recovery: SmolLM2-135M -> hidden 448 / FFN 1024 (83,978,944 params)", "",
-             f"Teacher held-out perplexity {teacher_eval['perplexity']:.2f} on {s.splits.heldout.numel():,} held-out "
-             f"tokens. Forward-KL distillation, AdamW 3e-4, warmup 10, cosine, 4 x 256 tokens a step, on "
-             f"{s.splits.train.numel():,} training tokens (more tokens = more epochs over them). `one_run`: one "
-             "schedule spanning the largest budget, evaluated on the way; `per_budget`: a full schedule per budget.",
-             "", "| student | schedule | distillation tokens | epochs | ppl after pruning | ppl after distillation "
-             "| KL after | s/step |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r.get('schedule', 'per_budget')} | {r['tokens']:,} | {r.get('epochs', '-')} | "
-              f"{r['ppl_pruned']:,.1f} | {r['ppl_distilled']:,.2f} | {r['kl_distilled']:.3f} | "
-              f"{r['seconds_per_step']} |" for r in rows]
-    (RESULTS / "distill_recovery.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    text = (f"Teacher held-out perplexity {teacher_eval['perplexity']:.2f} on {s.splits.heldout.numel():,} held-out "
+            f"tokens. Forward-KL distillation, AdamW 3e-4, warmup 10, cosine, 4 x 256 tokens a step, on "
+            f"{s.splits.train.numel():,} training tokens (more tokens = more epochs over them). `one_run`: one "
+            "schedule spanning the largest budget, evaluated on the way; `per_budget`: a full schedule per budget.")
+    table = md_table(["student", "schedule", "distillation tokens", "epochs", "ppl after pruning",
+                      "ppl after distillation", "KL after", "s/step"],
+                     [[r["method"], r["schedule"], f"{r['tokens']:,}", r["epochs"], r["ppl_pruned"],
+                       r["ppl_distilled"], r["kl_distilled"], r["seconds_per_step"]] for r in rows])
+    write_results("distill_recovery", "\n\n".join(
+        ["## Distillation recovery: SmolLM2-135M -> hidden 448 / FFN 1024 (83,978,944 params)", text, table]),
+        {"teacher_ppl": teacher_eval["perplexity"], "target": WIDTH_TARGET,
+         "heldout_tokens": s.splits.heldout.numel(), "train_tokens": s.splits.train.numel(), "rows": rows})
 
 if __name__ == "__main__":
     main()

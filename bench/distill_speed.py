@@ -3,7 +3,8 @@
 Distillation speed on SmolLM2-135M pruned to the default width target (hidden 448, FFN 1024), one step of
 4 x 256 tokens with the default recipe's loss (forward KL), on the CPU:
   step      a training step of `llmprune.distill.train` against its parts measured alone on the same batch:
-            student forward + backward (LM loss) and teacher forward. Efficiency = (parts) / step; target >= 0.9.
+            student forward + backward (LM loss) and teacher forward, each computing the logits the step computes
+            (the positions that predict a token). Efficiency = (parts) / step; target >= 0.9.
             Rounds interleave the three measurements so a change of load hits all of them.
   torchrun  tokens/s of `train` for the same global batch (8 x 256) in 1 process (2 threads, 2 accumulation
             steps) and in 2 processes under torchrun (gloo, 1 thread each, DDP), steps after the first.
@@ -28,14 +29,14 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine_info, md_table, setup, write_results  # noqa: E402
+from _common import RESULTS, WIDTH_TARGET, machine_info, md_table, setup, write_results  # noqa: E402
 
 from llmprune import losses  # noqa: E402
 from llmprune.api import prune  # noqa: E402
 from llmprune.config import DistillConfig  # noqa: E402
 from llmprune.distill import Student, autocast_dtype, distill_loss, reuse_freed_cpu_memory, train  # noqa: E402
+from llmprune.evaluate import predicting_positions  # noqa: E402
 
-TARGET = {"hidden_size": 448, "ffn_hidden_size": 1024}
 SEQ = 256
 
 
@@ -46,7 +47,7 @@ def distill_cfg(**changes) -> SimpleNamespace:
 
 def pruned_student(s, calib_samples: int = 32):
     student = copy.deepcopy(s.model)
-    prune(student, export_config=TARGET, calib_data=s.splits.calib[:calib_samples], batch_size=4)
+    prune(student, export_config=WIDTH_TARGET, calib_data=s.splits.calib[:calib_samples], batch_size=4)
     return student.requires_grad_(True)
 
 
@@ -69,13 +70,13 @@ def part_step(s, rounds: int) -> dict:
     def student_fwd_bwd():
         student.zero_grad(set_to_none=True)
         with autocast():
-            logits = student(input_ids=ids, use_cache=False).logits[:, :-1]
+            logits = student(input_ids=ids, use_cache=False, logits_to_keep=predicting_positions(ids)).logits
             loss = losses.lm_loss(logits, ids[:, 1:], torch.ones_like(ids[:, 1:], dtype=torch.float32))
         loss.backward()
 
     def teacher_fwd():
         with torch.no_grad(), autocast():
-            teacher(input_ids=ids, use_cache=False)
+            teacher(input_ids=ids, use_cache=False, logits_to_keep=predicting_positions(ids))
 
     def timed(fn, n=3):
         out = []

@@ -24,7 +24,7 @@ import math
 import time
 
 import torch
-from _common import CachedTeacher, Setup, data_info, md_table, setup, write_results
+from _common import WIDTH_TARGET, CachedTeacher, Setup, data_info, md_table, setup, write_results
 
 from llmprune import data as text
 from llmprune.adapters import get_adapter
@@ -35,7 +35,6 @@ from llmprune.evaluate import evaluate
 from llmprune.importance import activation_scores
 from llmprune.plan import make_plan
 
-WIDTH_TARGET = {"hidden_size": 448, "ffn_hidden_size": 1024}
 NUM_LAYERS = 20
 TEACHER: list[CachedTeacher] = []  # the teacher's held-out logits, computed once (main)
 

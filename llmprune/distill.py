@@ -38,6 +38,7 @@ from llmprune.distributed import (
     rank,
     world_size,
 )
+from llmprune.evaluate import predicting_positions
 from llmprune.progress import log, progress
 
 
@@ -139,12 +140,6 @@ class Student(nn.Module):
         if self.projection is not None:
             states = [self.projection(s) for s in states]
         return StudentOutput(logits=out.logits, states=states)
-
-
-def predicting_positions(ids: torch.Tensor) -> torch.Tensor:
-    """Positions 0 .. S-2, the ones that predict a next token, as `logits_to_keep`: the LM head then skips the last
-    position and its logits come out contiguous, with no (B, S-1, V) slice copy forward and backward."""
-    return torch.arange(ids.shape[1] - 1, device=ids.device)
 
 
 def distill_loss(teacher: nn.Module, cfg, teacher_layers: tuple[int, ...]):

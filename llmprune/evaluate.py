@@ -13,6 +13,12 @@ from llmprune.distributed import all_reduce_sum
 from llmprune.progress import progress
 
 
+def predicting_positions(ids: torch.Tensor) -> torch.Tensor:
+    """Positions 0 .. S-2, the ones that predict a next token, as a model's `logits_to_keep`: the LM head then skips
+    the last position and its logits come out contiguous, with no (B, S-1, V) slice copy forward and backward."""
+    return torch.arange(ids.shape[1] - 1, device=ids.device)
+
+
 @torch.no_grad()
 def evaluate(model, batches: Iterable[Batch], teacher=None, desc: str = "evaluate") -> dict[str, float]:
     """Token-mean next-token loss, its perplexity, and (with a teacher) the mean KL(teacher || model) in nats.
@@ -26,7 +32,7 @@ def evaluate(model, batches: Iterable[Batch], teacher=None, desc: str = "evaluat
     for batch in progress(batches, desc=desc):
         ids = batch.input_ids.to(device)
         mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
-        keep = torch.arange(ids.shape[1] - 1, device=device)  # the positions that predict a next token
+        keep = predicting_positions(ids)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits.float()
         valid = torch.ones_like(ids[:, 1:], dtype=torch.float32) if mask is None else mask[:, 1:].float()
         nll = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(valid.shape)
