@@ -18,11 +18,13 @@ from llmprune.adapters.base import Site, derive_attention_and_hidden_scores
 from llmprune.adapters.mamba_mixer import (
     count_mixer_params,
     derive_mamba_scores,
+    mixer_rules,
     prunable_weights,
     slice_mixer,
     x_channels,
 )
 from llmprune.plan import PlanError, PruningPlan
+from llmprune.pruning.map import PruningMap, Rule
 from llmprune.slicing import slice_rmsnorm, slice_vocab_ends
 
 
@@ -48,6 +50,19 @@ def check_expand(config, target: dict[str, int]) -> int:
         f"{heads} * {head_dim} = {heads * head_dim}, not a multiple of {hidden}.{hint}")
 
 
+PRUNING_MAP = PruningMap(
+    rules=(
+        Rule("backbone.embeddings.weight", (None, "hidden")),
+        Rule("backbone.norm_f.weight", ("hidden",), scale="hidden"),
+        Rule("lm_head.weight", (None, "hidden"), matmul=True),
+        Rule("backbone.layers.{i}.norm.weight", ("hidden",), scale="hidden"),
+        *mixer_rules("backbone.layers.{i}.mixer."),
+    ),
+    layers="backbone.layers.{i}.",
+    tied=("lm_head.weight", "backbone.embeddings.weight"),
+)
+
+
 class Mamba2Adapter:
     """Minitron pruning for Mamba-2 models: hidden size, Mamba heads, Mamba head dim and depth."""
 
@@ -57,6 +72,10 @@ class Mamba2Adapter:
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
+
+    @staticmethod
+    def pruning_map() -> PruningMap:
+        return PRUNING_MAP
 
     # -- structure ---------------------------------------------------------------------------------------------
     @property
@@ -74,7 +93,8 @@ class Mamba2Adapter:
                 "mamba_head_dim": c.head_dim, "mamba_num_groups": c.n_groups, "vocab_size": c.vocab_size}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.backbone.norm_f(hidden))
+        head = self.model.lm_head  # residual_in_fp32 hands float32 states to a bf16 head; cast like the model does
+        return head(self.model.backbone.norm_f(hidden).to(head.weight.dtype))
 
     def importance_sites(self) -> list[Site]:
         """The x part of every in_proj output (Mamba heads and head dim) and every block norm's output (hidden)."""
