@@ -6,7 +6,7 @@ Speed of calibration on SmolLM2-135M-Instruct (CPU, float32), with the default r
       batch against plain forward passes of the same batch: the full model (`model(input_ids)`, with the LM head
       and logits) and the backbone (`model.model(input_ids)`, what calibration runs since it needs no logits).
       Variants are timed in interleaved rounds (median over --repeats rounds) so load drift hits all of them.
-  depth: the cost of `llmprune.depth.removal_scores` with prune.depth.num_samples=8 (drop-one, 30 candidates;
+  depth: the cost of `llmprune.importance.depth.removal_scores` with prune.depth.num_samples=8 (drop-one, 30 candidates;
       contiguous with block size 10, 21 candidates) relative to ONE calibration pass over the default 32 samples.
       --profile adds a torch.profiler op table of one drop-one batch.
 
@@ -24,8 +24,8 @@ import torch
 from _common import data_info, machine_info, md_table, setup, write_results
 
 from llmprune import data as text
-from llmprune.depth import removal_scores
-from llmprune.importance import activation_scores
+from llmprune.importance.activation import activation_scores
+from llmprune.importance.depth import removal_scores
 
 
 def interleaved(fns: dict, repeats: int) -> dict[str, dict]:

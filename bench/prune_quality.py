@@ -29,10 +29,10 @@ from _common import WIDTH_TARGET, CachedTeacher, Setup, data_info, md_table, set
 from llmprune import data as text
 from llmprune.adapters import get_adapter
 from llmprune.api import prune
-from llmprune.baselines import baseline_scores
-from llmprune.depth import removal_scores
 from llmprune.evaluate import evaluate
-from llmprune.importance import activation_scores
+from llmprune.importance.activation import activation_scores
+from llmprune.importance.baselines import baseline_scores
+from llmprune.importance.depth import removal_scores
 from llmprune.plan import make_plan
 
 NUM_LAYERS = 20
@@ -48,7 +48,7 @@ def prune_and_eval(s: Setup, scores: dict, targets: dict, depth_method: str = "d
     """Plan from `scores`, apply it to a copy of the teacher, evaluate on the held-out batches."""
     plan = make_plan(s.adapter.family, scores, s.adapter.dims(), targets, depth_method, depth_metric, rescale_norms)
     student = copy.deepcopy(s.model)
-    get_adapter(student).apply(plan)
+    student = get_adapter(student).apply(plan)
     result = evaluate(student, s.heldout, teacher=TEACHER[0], desc="evaluate student")
     result["params"] = params(student)
     del student

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from llmprune.adapters import get_adapter
-from llmprune.baselines import baseline_scores
 from llmprune.config import ConfigError
 from llmprune.data import as_batches, to_batches
-from llmprune.depth import removal_scores
-from llmprune.importance import activation_scores
+from llmprune.importance.activation import activation_scores
+from llmprune.importance.baselines import baseline_scores
+from llmprune.importance.depth import removal_scores
 from llmprune.plan import TARGET_KEYS, PruningPlan, make_plan, resolve_targets
 
 
@@ -61,7 +61,8 @@ def prune(model, mode: str = "minitron", export_config: dict | None = None, cali
             prune.importance, prune.depth.*, prune.rescale_norms.
 
     Returns:
-        (the pruned model, the PruningPlan). `plan.to_json()` is what the CLI writes as plan.json.
+        (the pruned model, a new module: `model` is left as it was; the PruningPlan). `plan.to_json()` is what
+        the CLI writes as plan.json.
     """
     if mode != "minitron":
         raise ConfigError(f"Unknown mode '{mode}'. Known: minitron.")
@@ -78,5 +79,4 @@ def prune(model, mode: str = "minitron", export_config: dict | None = None, cali
                                 seq_len=seq_len, batch_size=batch_size, seed=seed)
     plan = make_plan(adapter.family, scores, adapter.dims(), export_config, depth_method, depth_metric, rescale_norms,
                      layer_types=getattr(adapter, "layer_types", None))
-    adapter.apply(plan)
-    return model, plan
+    return adapter.apply(plan), plan

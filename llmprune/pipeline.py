@@ -11,7 +11,6 @@ from the same model, data and scoring settings, so re-pruning to another target 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -25,16 +24,16 @@ from safetensors.torch import load_file, save_file
 
 from llmprune import data as text
 from llmprune.adapters import get_adapter
-from llmprune.baselines import baseline_scores
+from llmprune.backends.megatron.convert import check_convertible
 from llmprune.config import ConfigError
-from llmprune.depth import removal_scores
 from llmprune.distill import Student, distill_loss, lm_only_loss, train
 from llmprune.distributed import barrier, data_shard, is_rank_zero, rank, world_size
 from llmprune.evaluate import evaluate
-from llmprune.export import check_exportable, exportable_model, push_to_hub, save_hf, verify_export
-from llmprune.importance import activation_scores, summarize
+from llmprune.export.hf import check_exportable, exportable_model, push_to_hub, save_hf, verify_export
+from llmprune.importance.activation import activation_scores, summarize
+from llmprune.importance.baselines import baseline_scores
+from llmprune.importance.depth import removal_scores
 from llmprune.losses import channel_projection
-from llmprune.megatron.convert import check_convertible
 from llmprune.models import load_model
 from llmprune.plan import PruningPlan, make_plan, resolve_targets
 from llmprune.progress import setup_logging
@@ -141,7 +140,7 @@ def unit_names(root: torch.nn.Module, layers) -> tuple[str, ...]:
 def megatron_model(cfg: DictConfig, teacher):
     """The teacher as a megatron-core GPTModel split over megatron.tensor_parallel_size ranks and
     megatron.pipeline_parallel_size stages, with its adapter."""
-    from llmprune.adapters.megatron_gpt import MegatronGPTAdapter
+    from llmprune.backends.megatron.adapter import MegatronGPTAdapter
 
     m = cfg.megatron
     adapter = MegatronGPTAdapter.from_hf(teacher, m.tensor_parallel_size, m.pipeline_parallel_size,
@@ -154,10 +153,8 @@ def prune_to_hf(teacher, model, adapter, plan: PruningPlan):
     backend=megatron prunes the GPTModel, gathers it (every TP shard and pipeline stage) into the teacher's class on
     every rank and releases megatron-core."""
     if model is teacher:
-        student = copy.deepcopy(teacher)
-        student_adapter = get_adapter(student)
-        student_adapter.apply(plan)
-        return student, student_adapter
+        student_adapter = get_adapter(teacher)  # apply() moves this adapter to the new, pruned model
+        return student_adapter.apply(plan), student_adapter
     adapter.apply(plan)
     student = adapter.to_hf(teacher)
     adapter.close()

@@ -5,7 +5,7 @@ megatron-core's layers are written for GPUs. Two calls stand between them and a 
 - the CUDA RNG tracker (`tensor_parallel.random.get_cuda_rng_tracker`) forks CUDA generator states around
   dropout; here a tracker with the same interface forks the CPU generator instead.
 Everything else (the layers, parallel_state, gloo collectives) is megatron-core's own code. This lives in tests/ on
-purpose: the package refuses backend=megatron without CUDA (llmprune.megatron.parallel).
+purpose: the package refuses backend=megatron without CUDA (llmprune.backends.megatron.parallel).
 """
 
 from __future__ import annotations

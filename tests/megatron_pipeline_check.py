@@ -23,10 +23,10 @@ from conftest import tiny_batch, tiny_model
 from megatron_cpu import megatron_on_cpu
 
 from llmprune.adapters import get_adapter
-from llmprune.adapters.megatron_gpt import MegatronGPTAdapter
+from llmprune.backends.megatron.adapter import MegatronGPTAdapter
 from llmprune.data import to_batches
-from llmprune.depth import removal_scores
-from llmprune.importance import activation_scores
+from llmprune.importance.activation import activation_scores
+from llmprune.importance.depth import removal_scores
 from llmprune.plan import make_plan
 
 # hidden 48 -> 40, FFN 80 -> 48, 6 -> 4 heads in both groups (TP=2 keeps one group per rank), 4 -> 3 layers
@@ -68,7 +68,7 @@ def hf_reference(hf) -> dict:
     ref["students"] = []
     for plan in ref["plans"]:
         student = copy.deepcopy(hf)
-        get_adapter(student).apply(plan)
+        student = get_adapter(student).apply(plan)
         ref["students"].append((student.state_dict(), student(input_ids=tiny_batch()).logits))
     return ref
 

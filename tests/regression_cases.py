@@ -93,8 +93,6 @@ def tiny_dirs(root: Path) -> dict[str, str]:
 if __name__ == "__main__":
     import tempfile
 
-    import torch
-
     names = sys.argv[2:] or list(CASES)
     with tempfile.TemporaryDirectory() as tmp:
         dirs = tiny_dirs(Path(tmp) / "models")

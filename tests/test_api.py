@@ -23,8 +23,10 @@ def calib() -> torch.Tensor:
 
 def test_prune_returns_the_pruned_model_and_its_plan(family):
     model = tiny_model(family)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
     pruned, plan = llmprune.prune(model, export_config=TARGETS, calib_data=calib(), batch_size=2)
-    assert pruned is model
+    assert pruned is not model and model.config.hidden_size == 48  # the original stays usable as the teacher
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in original.items())
     c = pruned.config
     assert (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
             c.num_hidden_layers) == (32, 48, 4, 2, 3)
@@ -59,7 +61,8 @@ def test_compute_scores_skips_depth_when_no_layer_is_removed():
 @pytest.mark.parametrize("depth_method", ["block_importance", "contiguous"])
 def test_prune_with_other_depth_methods(depth_method):
     model = tiny_model("mistral")
-    _, plan = llmprune.prune(model, export_config={"num_layers": 2}, calib_data=calib(), depth_method=depth_method)
+    model, plan = llmprune.prune(model, export_config={"num_layers": 2}, calib_data=calib(),
+                                 depth_method=depth_method)
     assert plan.depth["method"] == depth_method and len(plan.kept_layers) == 2
     if depth_method == "contiguous":
         assert plan.depth["removed"][1] == plan.depth["removed"][0] + 1

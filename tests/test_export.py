@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import llmprune
 from llmprune.adapters import get_adapter
-from llmprune.export import atomic_directory, exportable_model, save_hf, verify_export
+from llmprune.export.hf import atomic_directory, exportable_model, save_hf, verify_export
 from llmprune.models import drop_gguf_quantization
 from llmprune.plan import PruningPlan
 
@@ -45,7 +45,7 @@ def test_drop_gguf_quantization_removes_the_config(tmp_path):
 def student_from_plan(model_dir, run_dir):
     """Rebuild the pruned model in memory from the teacher and plan.json (independent of the export)."""
     teacher = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    get_adapter(teacher).apply(PruningPlan.from_json((run_dir / "plan.json").read_text()))
+    teacher = get_adapter(teacher).apply(PruningPlan.from_json((run_dir / "plan.json").read_text()))
     return teacher
 
 

@@ -24,9 +24,9 @@ from transformers import AutoModelForCausalLM
 import llmprune
 from llmprune.adapters import get_adapter
 from llmprune.data import Batch
-from llmprune.depth import removal_scores
-from llmprune.export import exportable_model
-from llmprune.importance import activation_scores
+from llmprune.export.hf import exportable_model
+from llmprune.importance.activation import activation_scores
+from llmprune.importance.depth import removal_scores
 from llmprune.plan import PlanError, PruningPlan, make_plan
 
 MLP_LAYERS, ATTENTION_LAYERS, MAMBA_LAYERS = [1, 3], [2, 5], [0, 4]  # HYBRID_PATTERN: M - * - M *
@@ -61,7 +61,7 @@ def test_depth_keeps_the_layer_pattern_and_skips_the_removed_layers(tmp_path):
     assert plan.kept_layers == [0, 3, 4, 5] and plan.depth["removed"] == [1, 2]
     assert plan.depth["removed_types"] == ["mlp", "full_attention"]
     assert PruningPlan.from_json(plan.to_json()) == plan
-    adapter.apply(plan)
+    model = adapter.apply(plan)
     expected_types = ["linear_attention", "mlp", "linear_attention", "full_attention"]
     assert model.config.layers_block_type == expected_types and model.config.num_hidden_layers == 4
     assert model.config.hybrid_override_pattern == "M-M*"
@@ -95,7 +95,7 @@ def test_removing_every_attention_layer_warns_about_stock_generate():
     lines, logger = _Lines(), logging.getLogger("llmprune")  # the pipeline turns propagation off: listen here
     logger.addHandler(lines)
     try:
-        adapter.apply(plan_for(adapter, drop_one_scores(adapter, ATTENTION_LAYERS), {"num_layers": 4}))
+        model = adapter.apply(plan_for(adapter, drop_one_scores(adapter, ATTENTION_LAYERS), {"num_layers": 4}))
     finally:
         logger.removeHandler(lines)
     assert any("removes every attention layer" in line and "use_cache=False" in line for line in lines.lines)
@@ -133,8 +133,8 @@ def test_drop_one_scores_are_the_loss_increase_of_skipping_each_layer(padded):
 def test_python_api_prunes_a_hybrid_in_one_call():
     model = tiny_ssm_model("nemotron_h")
     ids = tiny_batch(4, 16, seed=8)
-    _, plan = llmprune.prune(model, export_config={"mamba_num_heads": 8, "mamba_head_dim": 6, "num_layers": 5},
-                             calib_data=ids, depth_samples=2, batch_size=2)
+    model, plan = llmprune.prune(model, export_config={"mamba_num_heads": 8, "mamba_head_dim": 6, "num_layers": 5},
+                                 calib_data=ids, depth_samples=2, batch_size=2)
     assert len(plan.depth["removed"]) == 1 and plan.depth["removed_types"] == [
         HYBRID_PATTERN[i] for i in plan.depth["removed"]]
     assert sorted(plan.mamba_heads) == sorted(plan.mamba_head_dim) == [i for i in MAMBA_LAYERS if i in plan.kept_layers]
@@ -171,7 +171,7 @@ def test_ffn_and_heads_are_planned_only_on_their_layers_and_zeroed_units_prune_e
     assert plan.ffn == {i: [n for n in range(80) if n not in dead_ffn[i]] for i in MLP_LAYERS}
     assert plan.heads == {i: [h for h in range(6) if h not in dead_heads[i]] for i in ATTENTION_LAYERS}
     assert plan.groups == {2: [0, 1], 5: [0, 1]} and plan.mamba_heads is None
-    adapter.apply(plan)
+    model = adapter.apply(plan)
     for i in MLP_LAYERS:
         m = blocks(model)[i].mixer
         assert m.up_proj.weight.shape == (48, 48) and m.down_proj.weight.shape == (48, 48)
@@ -195,7 +195,7 @@ def test_removing_a_query_group_removes_its_kv_head_and_query_heads():
     scores = activation_scores(model, adapter, [Batch(tiny_batch(4, 16, seed=5))])
     plan = plan_for(adapter, scores, {"num_query_groups": 1})
     assert plan.groups == {2: [0], 5: [1]} and plan.heads == {2: [0, 1, 2], 5: [3, 4, 5]}
-    adapter.apply(plan)
+    model = adapter.apply(plan)
     assert_close(logits_of(model, ids), before)
 
 
@@ -344,7 +344,7 @@ def test_published_targets_fit_the_real_architecture(recipe):
                                                                                                dims["num_layers"])]] = 0
     plan = plan_for(adapter, scores, targets, depth_method=cfg.prune.depth.method)
     analytic = adapter.count_params(plan.target, plan.kept_layers)
-    adapter.apply(plan)
+    model = adapter.apply(plan)
     assert real_param_count(model) == analytic == after, (real_param_count(model), analytic, after)
     if recipe == "nemotronh_minitron":
         assert model.config.hybrid_override_pattern == NANO_9B_PATTERN

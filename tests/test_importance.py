@@ -12,10 +12,10 @@ from conftest import tiny_batch, tiny_model
 from torch import nn
 
 from llmprune.adapters import get_adapter
-from llmprune.baselines import baseline_scores, magnitude_scores, random_scores, taylor_scores
 from llmprune.data import Batch
-from llmprune.depth import removal_scores
-from llmprune.importance import activation_scores
+from llmprune.importance.activation import activation_scores
+from llmprune.importance.baselines import baseline_scores, magnitude_scores, random_scores, taylor_scores
+from llmprune.importance.depth import removal_scores
 
 RAW_PREFIXES = ("ffn.", "attn.", "hidden.")
 

@@ -23,11 +23,11 @@ from conftest import tiny_batch, tiny_model, tiny_ssm_model
 from transformers import AutoModelForCausalLM
 
 from llmprune.adapters import get_adapter
-from llmprune.baselines import baseline_scores
 from llmprune.config import ConfigError
 from llmprune.data import Batch
-from llmprune.export import check_exportable, exportable_model, save_hf, verify_export
-from llmprune.importance import activation_scores
+from llmprune.export.hf import check_exportable, exportable_model, save_hf, verify_export
+from llmprune.importance.activation import activation_scores
+from llmprune.importance.baselines import baseline_scores
 from llmprune.plan import TARGET_KEYS, PlanError, make_plan, resolve_targets
 
 HEADS, HEAD_DIM, GROUPS, STATE, INNER = 12, 8, 2, 8, 96  # tiny_ssm_config: 6 heads per group
@@ -144,7 +144,7 @@ def test_empty_plan_keeps_logits_and_weights(ssm_family, how):
     plan = plan_for(adapter, hand_scores(adapter), targets, rescale_norms=True)
     assert plan.is_empty and plan.hidden is None and plan.mamba_heads is None and plan.mamba_head_dim is None
     assert plan.ffn is None and plan.heads is None and plan.depth["removed"] == []
-    adapter.apply(plan)
+    model = adapter.apply(plan)
     assert torch.equal(logits_of(model, ids), before)
     after = model.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
@@ -170,7 +170,7 @@ def test_zeroed_mamba_heads_pruned(ssm_family, rescale):
         scores[f"mamba_heads.{i}"][[h for h in range(HEADS) if h not in kept[i]]] = 0
     plan = plan_for(adapter, scores, {"mamba_num_heads": 6}, rescale_norms=rescale)
     assert plan.mamba_heads == kept and plan.mamba_head_dim is None and plan.hidden is None
-    adapter.apply(plan)
+    model = adapter.apply(plan)
     for m in mixers(model).values():  # in_proj rows: z 48, x 48, B 16, C 16, dt 6
         assert m.in_proj.weight.shape == (48 + 48 + 2 * GROUPS * STATE + 6, 48)
         assert m.conv1d.weight.shape == (48 + 2 * GROUPS * STATE, 1, 4) and m.conv1d.groups == 80
@@ -197,7 +197,7 @@ def test_zeroed_mamba_head_dim_pruned(ssm_family, rescale):
         scores[f"mamba_head_dim.{i}"][[p for p in range(HEAD_DIM) if p not in kept[i]]] = 0
     plan = plan_for(adapter, scores, {"mamba_head_dim": 4}, rescale_norms=rescale)
     assert plan.mamba_head_dim == kept and plan.mamba_heads is None
-    adapter.apply(plan)
+    model = adapter.apply(plan)
     for m in mixers(model).values():
         assert m.in_proj.weight.shape == (48 + 48 + 32 + 12, 48) and m.A_log.shape == (12,)
         assert m.norm.weight.shape == (48,) and m.norm.group_size == 24 and m.head_dim == 4
@@ -222,7 +222,7 @@ def test_calibration_ranks_zeroed_heads_and_head_dims_last(ssm_family):
     scores = activation_scores(model, adapter, [Batch(tiny_batch(4, 16, seed=5))])
     plan = plan_for(adapter, scores, {"mamba_num_heads": 8, "mamba_head_dim": 6})
     assert plan.mamba_heads == heads and plan.mamba_head_dim == dims
-    adapter.apply(plan)
+    model = adapter.apply(plan)
     assert_close(logits_of(model, ids), logits_of(expected, ids))
 
 
@@ -253,7 +253,7 @@ def test_zeroed_hidden_channels_pruned_with_rescaled_norms(ssm_family, tied):
     scores["hidden"][channels] = 0
     plan = plan_for(adapter, scores, {"hidden_size": 32}, rescale_norms=True)
     assert plan.hidden == [c for c in range(48) if c not in channels]
-    adapter.apply(plan)
+    model = adapter.apply(plan)
     assert model.get_input_embeddings().weight.shape == (128, 32) and model.lm_head.weight.shape == (128, 32)
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
     for m in mixers(model).values():
@@ -280,10 +280,10 @@ def test_rescaled_norms_are_exact_when_width_ratios_match(ssm_family):
     for i in layers:
         scores[f"mamba_heads.{i}"][[h for h in range(HEADS) if h not in kept[i]]] = 0
     plain = copy.deepcopy(model)
-    adapter.apply(plan_for(adapter, scores, {"hidden_size": 32, "mamba_num_heads": 8}, rescale_norms=True))
+    model = adapter.apply(plan_for(adapter, scores, {"hidden_size": 32, "mamba_num_heads": 8}, rescale_norms=True))
     assert_close(logits_of(model, ids), before)
     plain_adapter = get_adapter(plain)
-    plain_adapter.apply(plan_for(plain_adapter, scores, {"hidden_size": 32, "mamba_num_heads": 8}))
+    plain = plain_adapter.apply(plan_for(plain_adapter, scores, {"hidden_size": 32, "mamba_num_heads": 8}))
     assert (logits_of(plain, ids) - before).abs().max() > 1e-3  # without rescaling both widths show
 
 
@@ -296,7 +296,7 @@ def test_kept_heads_and_head_dims_slice_every_mixer_weight_consistently(ssm_fami
     adapter = get_adapter(model)
     plan = plan_for(adapter, hand_scores(adapter, seed=2), {"hidden_size": 20, "mamba_num_heads": 4,
                                                             "mamba_head_dim": 5})
-    adapter.apply(plan)
+    model = adapter.apply(plan)
     for i, new in mixers(model).items():
         old, heads, dims = mixers(original)[i], plan.mamba_heads[i], plan.mamba_head_dim[i]
         assert [h // 6 for h in heads] == [0, 0, 1, 1], heads  # 2 heads in each group
@@ -388,7 +388,7 @@ def test_count_params_equals_real(ssm_family, targets, extra):
     assert adapter.count_params() == real_param_count(model)
     plan = plan_for(adapter, hand_scores(adapter), targets)
     predicted = adapter.count_params(plan.target, plan.kept_layers)  # before pruning: a hypothetical shape
-    adapter.apply(plan)
+    model = adapter.apply(plan)
     assert predicted == real_param_count(model) == adapter.count_params(), (predicted, real_param_count(model))
 
 
@@ -476,7 +476,7 @@ def test_export_reloads_with_stock_transformers_and_generates(case, tmp_path):
     family, extra, targets = EXPORT_CASES[case]
     model = tiny_ssm_model(family, **extra)
     adapter = get_adapter(model)
-    adapter.apply(plan_for(adapter, hand_scores(adapter), targets, rescale_norms=True))
+    model = adapter.apply(plan_for(adapter, hand_scores(adapter), targets, rescale_norms=True))
     to_save, written = exportable_model(model, adapter)
     assert to_save is model and written.startswith(type(model).__name__), written  # the model's own class
     save_hf(to_save, None, tmp_path / "pruned")
@@ -499,7 +499,7 @@ def test_mamba2_targets_must_keep_a_whole_expand():
     adapter = get_adapter(model)
     plan = plan_for(adapter, hand_scores(adapter), {"hidden_size": 40})  # 12 * 8 = 96 is no multiple of 40
     with pytest.raises(PlanError) as info:
-        adapter.apply(plan)
+        model = adapter.apply(plan)
     msg = str(info.value)
     assert "hidden_size=40 and mamba_num_heads * mamba_head_dim = 12 * 8 = 96, not a multiple of 40" in msg, msg
     assert "For expand=2 choose mamba_num_heads=10 or hidden_size=48." in msg, msg

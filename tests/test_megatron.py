@@ -29,12 +29,12 @@ from transformers import AutoModelForCausalLM
 import llmprune
 from llmprune import ConfigError, PruningPlan
 from llmprune.adapters import get_adapter
-from llmprune.adapters.megatron_gpt import MegatronGPTAdapter
+from llmprune.backends.megatron import convert, parallel
+from llmprune.backends.megatron.adapter import MegatronGPTAdapter
 from llmprune.data import to_batches
-from llmprune.depth import removal_scores
 from llmprune.distributed import Stages
-from llmprune.importance import activation_scores
-from llmprune.megatron import convert, parallel
+from llmprune.importance.activation import activation_scores
+from llmprune.importance.depth import removal_scores
 from llmprune.plan import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +175,7 @@ def test_same_plan_exports_identical_weights(family, tied):
     assert plan.hidden and plan.ffn and plan.heads and len(plan.kept_layers) == 3
 
     student = copy.deepcopy(hf)
-    get_adapter(student).apply(plan)
+    student = get_adapter(student).apply(plan)
     adapter.apply(plan)
     exported = adapter.to_hf(hf)
     expected, got = student.state_dict(), exported.state_dict()

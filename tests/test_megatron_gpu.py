@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from llmprune.adapters import get_adapter
 from llmprune.data import to_batches
-from llmprune.importance import activation_scores
+from llmprune.importance.activation import activation_scores
 from llmprune.plan import PruningPlan, make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def no_tf32():
 
 @pytest.mark.parametrize("impl", ["auto", "local"])
 def test_megatron_on_cuda_matches_hf(impl, no_tf32):
-    from llmprune.adapters.megatron_gpt import MegatronGPTAdapter
+    from llmprune.backends.megatron.adapter import MegatronGPTAdapter
 
     hf = tiny_model("qwen3").cuda()
     adapter = MegatronGPTAdapter.from_hf(hf, transformer_impl=impl)
@@ -61,7 +61,7 @@ def test_megatron_on_cuda_matches_hf(impl, no_tf32):
         plan = make_plan(hf_adapter.family, hf_scores, hf_adapter.dims(), TARGETS, "block_importance",
                          rescale_norms=True)
         student = copy.deepcopy(hf)
-        get_adapter(student).apply(plan)
+        student = get_adapter(student).apply(plan)
         adapter.apply(plan)
         exported, expected = adapter.to_hf(hf).state_dict(), student.state_dict()
         assert exported.keys() == expected.keys()

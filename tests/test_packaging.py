@@ -30,7 +30,7 @@ def test_wheel_ships_configs_and_installed_copy_works(tmp_path):
     assert "llmprune/conf/base.yaml" in names
     assert {f"llmprune/recipes/{r}" for r in RECIPES} <= names, sorted(n for n in names if "recipes" in n)
     assert RECIPES and "llmprune/adapters/llama.py" in names and "llmprune/__main__.py" in names
-    assert {"llmprune/megatron/convert.py", "llmprune/adapters/megatron_gpt.py"} <= names
+    assert {"llmprune/backends/megatron/convert.py", "llmprune/backends/megatron/adapter.py"} <= names
 
     site = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site),

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import llmprune
 from llmprune import pipeline
 from llmprune.adapters import get_adapter
-from llmprune.export import exportable_model
+from llmprune.export.hf import exportable_model
 from llmprune.plan import PruningPlan, make_plan, resolve_targets
 
 TINY = {"hidden_size": 48, "ffn_hidden_size": 80, "num_attention_heads": 6, "num_query_groups": 2, "num_layers": 4}

@@ -8,6 +8,10 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
+from llmprune.plan.cost import CostModel, parameter_shapes
+from llmprune.pruning.apply import apply_plan
+from llmprune.pruning.map import PruningMap
+
 
 @dataclass
 class Site:
@@ -57,11 +61,14 @@ class Adapter(Protocol):
         """Per score name, the modules whose rows ('out', or ('out', start, stop) for part of a fused weight) or
         columns ('in', 'emb') it owns (weight baselines)."""
 
-    def count_params(self, shape: dict[str, int] | None = None, kept_layers: list[int] | None = None) -> int:
-        """Analytic parameter count of this model at `shape`; hybrids need `kept_layers` when num_layers shrinks."""
+    def pruning_map(self) -> PruningMap:
+        """Which kept-index list slices which axis of every parameter (see pruning/map.py)."""
 
-    def apply(self, plan) -> None:
-        """Slice the model in place to the plan and rewrite its config."""
+    def count_params(self, shape: dict[str, int] | None = None, kept_layers: list[int] | None = None) -> int:
+        """Exact parameter count of this model at `shape`; hybrids need `kept_layers` when num_layers shrinks."""
+
+    def apply(self, plan) -> nn.Module:
+        """The model pruned to `plan` (a new module); the adapter then describes the new model."""
 
     @staticmethod
     def rewrite_config(c, target: dict[str, int], kept_layers: list[int], eps_scale: float = 1.0) -> None:
@@ -88,3 +95,30 @@ def derive_attention_and_hidden_scores(raw: dict[str, torch.Tensor], dims: dict[
     if hidden is not None:
         scores["hidden"] = hidden
     return scores
+
+
+class HFAdapter:
+    """What every Hugging Face adapter shares: pruning through the family's map (rebuilt from the rewritten config)
+    and costs from the same map. Subclasses declare `pruning_map`, `dims`, `rewrite_config` and the hook sites."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    def check_plan(self, plan) -> None:
+        """Family-specific checks before pruning (none by default)."""
+
+    def apply(self, plan) -> nn.Module:
+        self.check_plan(plan)
+        self.model = apply_plan(self.model, self, plan)
+        self.config = self.model.config
+        return self.model
+
+    def cost_model(self) -> CostModel:
+        embed, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        return CostModel(self.pruning_map(), parameter_shapes(self.model), self.dims(),
+                         tied=head is not None and head.weight is embed.weight,
+                         layer_types=getattr(self, "layer_types", None))
+
+    def count_params(self, shape: dict[str, int] | None = None, kept_layers: list[int] | None = None) -> int:
+        return self.cost_model().params(shape, kept_layers)

@@ -11,21 +11,57 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmprune.adapters.base import Site, derive_attention_and_hidden_scores
-from llmprune.plan import PruningPlan
-from llmprune.slicing import slice_gqa_attention, slice_linear, slice_rmsnorm, slice_vocab_ends
+from llmprune.adapters.base import HFAdapter, Site, derive_attention_and_hidden_scores
+from llmprune.pruning.map import PruningMap, Rule
 
 
-class LlamaAdapter:
+def _layer_rules(prefix: str) -> tuple[Rule, ...]:
+    """Attention, MLP and both norms of one decoder layer (`prefix` ends in "{i}.")."""
+    p = prefix
+    return (
+        Rule(p + "input_layernorm.weight", ("hidden",), scale="hidden"),
+        Rule(p + "post_attention_layernorm.weight", ("hidden",), scale="hidden"),
+        Rule(p + "self_attn.q_proj.weight", ("q", "hidden"), matmul=True),
+        Rule(p + "self_attn.k_proj.weight", ("kv", "hidden"), matmul=True),
+        Rule(p + "self_attn.v_proj.weight", ("kv", "hidden"), matmul=True),
+        Rule(p + "self_attn.o_proj.weight", ("hidden", "q"), matmul=True),
+        Rule(p + "self_attn.q_proj.bias", ("q",)),
+        Rule(p + "self_attn.k_proj.bias", ("kv",)),
+        Rule(p + "self_attn.v_proj.bias", ("kv",)),
+        Rule(p + "self_attn.o_proj.bias", ("hidden",)),
+        Rule(p + "self_attn.q_norm.weight", (None,)),  # qwen3: per head_dim, never pruned
+        Rule(p + "self_attn.k_norm.weight", (None,)),
+        Rule(p + "mlp.gate_proj.weight", ("ffn", "hidden"), matmul=True),
+        Rule(p + "mlp.up_proj.weight", ("ffn", "hidden"), matmul=True),
+        Rule(p + "mlp.down_proj.weight", ("hidden", "ffn"), matmul=True),
+        Rule(p + "mlp.gate_proj.bias", ("ffn",)),
+        Rule(p + "mlp.up_proj.bias", ("ffn",)),
+        Rule(p + "mlp.down_proj.bias", ("hidden",)),
+    )
+
+
+PRUNING_MAP = PruningMap(
+    rules=(
+        Rule("model.embed_tokens.weight", (None, "hidden")),
+        Rule("model.norm.weight", ("hidden",), scale="hidden"),
+        Rule("lm_head.weight", (None, "hidden"), matmul=True),
+        *_layer_rules("model.layers.{i}."),
+    ),
+    layers="model.layers.{i}.",
+    tied=("lm_head.weight", "model.embed_tokens.weight"),
+)
+
+
+class LlamaAdapter(HFAdapter):
     """Minitron pruning for llama-like decoders."""
 
     family = "llama"
     model_types = ("llama", "mistral", "qwen2", "qwen3")
     hidden_norms = ("input_layernorm", "post_attention_layernorm")
 
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.config = model.config
+    @staticmethod
+    def pruning_map() -> PruningMap:
+        return PRUNING_MAP
 
     # -- structure ---------------------------------------------------------------------------------------------
     @property
@@ -81,60 +117,8 @@ class LlamaAdapter:
         return out
 
     # -- parameter count ---------------------------------------------------------------------------------------
-    def count_params(self, shape: dict[str, int] | None = None, kept_layers: list[int] | None = None) -> int:
-        """Analytic parameter count for `shape` (ModelOpt names; missing keys take the model's current sizes).
-        Every layer is alike, so `kept_layers` (accepted for the hybrid adapters' sake) changes nothing."""
-        s = {**self.dims(), **(shape or {})}
-        h, ffn, heads, groups, hd = (s["hidden_size"], s["ffn_hidden_size"], s["num_attention_heads"],
-                                     s["num_query_groups"], s["head_dim"])
-        attn0, mlp0 = self.layers[0].self_attn, self.layers[0].mlp
-        bias = {name: getattr(getattr(attn0, name), "bias", None) is not None for name in ("q_proj", "k_proj",
-                                                                                         "v_proj", "o_proj")}
-        attn = 2 * h * heads * hd + 2 * h * groups * hd
-        attn += bias["q_proj"] * heads * hd + (bias["k_proj"] + bias["v_proj"]) * groups * hd + bias["o_proj"] * h
-        attn += sum(getattr(attn0, n).weight.numel() for n in ("q_norm", "k_norm") if hasattr(attn0, n))
-        mlp = 3 * h * ffn + (mlp0.down_proj.bias is not None) * (2 * ffn + h)
-        per_layer = attn + mlp + 2 * h
-        tied = self.model.lm_head.weight is self.model.model.embed_tokens.weight
-        return s["vocab_size"] * h * (1 if tied else 2) + s["num_layers"] * per_layer + h
 
     # -- pruning -----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def apply(self, plan: PruningPlan) -> None:
-        """Slice the model in place to `plan` and rewrite its config."""
-        d, t = plan.original, plan.target
-        hd = d["head_dim"]
-        per_group = d["num_attention_heads"] // d["num_query_groups"]
-        hidden = plan.hidden
-        backbone = self.model.model
-        kept = nn.ModuleList(self.layers[i] for i in plan.kept_layers)
-        for new_idx, (old_idx, layer) in enumerate(zip(plan.kept_layers, kept)):
-            attn, mlp = layer.self_attn, layer.mlp
-            attn.layer_idx = new_idx  # KV-cache slot
-            heads = plan.heads[old_idx] if plan.heads else None
-            groups = plan.groups[old_idx] if plan.groups else None
-            slice_gqa_attention(attn, heads, groups, hd, hidden, t["num_attention_heads"] // t["num_query_groups"])
-            assert heads is None or len(heads) // len(groups) == attn.num_key_value_groups <= per_group, (heads, groups)
-            ffn = plan.ffn[old_idx] if plan.ffn else None
-            mlp.gate_proj = slice_linear(mlp.gate_proj, ffn, hidden)
-            mlp.up_proj = slice_linear(mlp.up_proj, ffn, hidden)
-            mlp.down_proj = slice_linear(mlp.down_proj, hidden, ffn)
-            if hasattr(mlp, "intermediate_size"):
-                mlp.intermediate_size = t["ffn_hidden_size"]
-            if hidden is not None:
-                for name in self.hidden_norms:
-                    slice_rmsnorm(getattr(layer, name), hidden, d["hidden_size"] if plan.rescale_norms else None)
-                if plan.rescale_norms:  # qwen3's per-head norms read the one shared rms_norm_eps on reload
-                    for name in ("q_norm", "k_norm"):
-                        if hasattr(attn, name):
-                            getattr(attn, name).variance_epsilon *= d["hidden_size"] / t["hidden_size"]
-            if hasattr(layer, "hidden_size"):
-                layer.hidden_size = t["hidden_size"]
-        backbone.layers = kept
-        if hidden is not None:
-            slice_vocab_ends(self.model, backbone.norm, hidden, d["hidden_size"] if plan.rescale_norms else None)
-        self._rewrite_config(plan)
-
     @staticmethod
     def rewrite_config(c, target: dict[str, int], kept_layers: list[int], eps_scale: float = 1.0) -> None:
         """Set config `c` to the pruned shape (used on the live model and for early export checks)."""
@@ -149,11 +133,6 @@ class LlamaAdapter:
         if getattr(c, "max_window_layers", None) is not None:  # qwen2/3: sliding window from this layer on
             c.max_window_layers = sum(1 for i in kept_layers if i < c.max_window_layers)
         c.rms_norm_eps = c.rms_norm_eps * eps_scale
-
-    def _rewrite_config(self, plan: PruningPlan) -> None:
-        rescaled = plan.hidden is not None and plan.rescale_norms
-        eps_scale = plan.original["hidden_size"] / plan.target["hidden_size"] if rescaled else 1.0
-        self.rewrite_config(self.config, plan.target, plan.kept_layers, eps_scale)
 
     # -- export ------------------------------------------------------------------------------------------------
     def stock_alternative(self):

@@ -14,18 +14,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmprune.adapters.base import Site, derive_attention_and_hidden_scores
+from llmprune.adapters.base import HFAdapter, Site, derive_attention_and_hidden_scores
 from llmprune.adapters.mamba_mixer import (
-    count_mixer_params,
     derive_mamba_scores,
     mixer_rules,
     prunable_weights,
-    slice_mixer,
     x_channels,
 )
-from llmprune.plan import PlanError, PruningPlan
+from llmprune.plan import PlanError
 from llmprune.pruning.map import PruningMap, Rule
-from llmprune.slicing import slice_rmsnorm, slice_vocab_ends
 
 
 def check_expand(config, target: dict[str, int]) -> int:
@@ -63,15 +60,11 @@ PRUNING_MAP = PruningMap(
 )
 
 
-class Mamba2Adapter:
+class Mamba2Adapter(HFAdapter):
     """Minitron pruning for Mamba-2 models: hidden size, Mamba heads, Mamba head dim and depth."""
 
     family = "mamba2"
     model_types = ("mamba2",)
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.config = model.config
 
     @staticmethod
     def pruning_map() -> PruningMap:
@@ -121,39 +114,8 @@ class Mamba2Adapter:
         return out
 
     # -- parameter count ---------------------------------------------------------------------------------------
-    def count_params(self, shape: dict[str, int] | None = None, kept_layers: list[int] | None = None) -> int:
-        """Analytic parameter count at `shape` (ModelOpt names; missing keys keep the current sizes).
-        Every layer is alike, so `kept_layers` (accepted for the hybrid adapters' sake) changes nothing."""
-        s = {**self.dims(), **(shape or {})}
-        h = s["hidden_size"]
-        mixer = self.layers[0].mixer
-        per_layer = h + count_mixer_params(h, s["mamba_num_heads"], s["mamba_head_dim"], s["mamba_num_groups"],
-                                           mixer.ssm_state_size, mixer.conv_kernel_size,
-                                           mixer.in_proj.bias is not None, mixer.conv1d.bias is not None)
-        tied = self.model.lm_head.weight is self.backbone.embeddings.weight
-        return s["vocab_size"] * h * (1 if tied else 2) + s["num_layers"] * per_layer + h
 
     # -- pruning -----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def apply(self, plan: PruningPlan) -> None:
-        """Slice the model in place to `plan` and rewrite its config."""
-        d, t, hidden = plan.original, plan.target, plan.hidden
-        check_expand(self.config, t)  # before touching anything
-        rescale = plan.rescale_norms
-        eps_scale = d["hidden_size"] / t["hidden_size"] if hidden is not None and rescale else 1.0
-        backbone = self.backbone
-        kept = nn.ModuleList(self.layers[i] for i in plan.kept_layers)
-        for new_idx, (old_idx, layer) in enumerate(zip(plan.kept_layers, kept)):
-            layer.layer_idx = layer.mixer.layer_idx = new_idx  # cache slot
-            slice_mixer(layer.mixer, plan.mamba_heads[old_idx] if plan.mamba_heads else None,
-                        plan.mamba_head_dim[old_idx] if plan.mamba_head_dim else None, hidden, rescale, eps_scale)
-            if hidden is not None:
-                slice_rmsnorm(layer.norm, hidden, d["hidden_size"] if rescale else None)
-        backbone.layers = kept
-        if hidden is not None:
-            slice_vocab_ends(self.model, backbone.norm_f, hidden, d["hidden_size"] if rescale else None)
-        self.rewrite_config(self.config, t, plan.kept_layers, eps_scale)
-
     @staticmethod
     def rewrite_config(c, target: dict[str, int], kept_layers: list[int], eps_scale: float = 1.0) -> None:
         """Set config `c` to the pruned shape (expand included). Raises PlanError for shapes Mamba2Config rejects."""

@@ -16,7 +16,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmprune.slicing import slice_depthwise_conv1d, slice_linear, slice_parameter
+from llmprune.pruning.map import Rule
+
+IN_PROJ_ROWS = ("m_inner", "m_inner", None, "m_heads")  # [z | x | B C | dt]; B, C and the state size stay whole
+CONV_CHANNELS = ("m_inner", None)  # [x | B C]
+
+
+def mixer_rules(prefix: str) -> tuple[Rule, ...]:
+    """The pruning map of one Mamba-2 mixer (`prefix` ends in "mixer.")."""
+    p = prefix
+    return (
+        Rule(p + "in_proj.weight", (IN_PROJ_ROWS, "hidden"), matmul=True),
+        Rule(p + "in_proj.bias", (IN_PROJ_ROWS,)),
+        Rule(p + "conv1d.weight", (CONV_CHANNELS,)),  # (channels, 1, kernel): depthwise
+        Rule(p + "conv1d.bias", (CONV_CHANNELS,)),
+        Rule(p + "A_log", ("m_heads",)),
+        Rule(p + "D", ("m_heads",)),
+        Rule(p + "dt_bias", ("m_heads",)),
+        Rule(p + "norm.weight", ("m_inner",), scale="gated"),
+        Rule(p + "out_proj.weight", ("hidden", "m_inner"), matmul=True),
+        Rule(p + "out_proj.bias", ("hidden",)),
+    )
 
 
 def x_channels(mixer: nn.Module) -> tuple[int, int]:
@@ -57,66 +77,3 @@ def prunable_weights(mixer: nn.Module) -> tuple[list, list]:
     return channels, hidden
 
 
-def count_mixer_params(hidden: int, heads: int, head_dim: int, groups: int, state: int, kernel: int,
-                       proj_bias: bool, conv_bias: bool) -> int:
-    """Parameters of one Mamba-2 mixer at these sizes."""
-    inner = heads * head_dim
-    conv_dim = inner + 2 * groups * state
-    in_out = inner + conv_dim + heads  # z, xBC, dt
-    return (hidden * in_out + proj_bias * in_out  # in_proj
-            + conv_dim * kernel + conv_bias * conv_dim  # conv1d
-            + 3 * heads  # A_log, D, dt_bias
-            + inner  # gated norm
-            + inner * hidden + proj_bias * hidden)  # out_proj
-
-
-@torch.no_grad()
-def slice_mixer(mixer: nn.Module, heads: list[int] | None, head_dims: list[int] | None, hidden: list[int] | None,
-                rescale_norm: bool = False, eps_scale: float = 1.0) -> None:
-    """Keep Mamba `heads`, head-dim channels `head_dims` (shared by all heads) and `hidden` channels, in place.
-
-    The gated norm normalizes groups of I / G channels, so removing heads or head-dim channels shrinks each group
-    from n to n' channels. With zeros in the removed channels of its input y * silu(z), the sliced norm computes
-    what the original computes with weight * sqrt(n' / n) and epsilon * n' / n. `rescale_norm` multiplies the
-    weight by sqrt(n / n'); the epsilon is the config's one `layer_norm_epsilon`, shared with the hidden-size
-    norms, and is multiplied by `eps_scale` (the adapter's hidden-width factor), so the rescaled norm equals the
-    original with epsilon * eps_scale * n' / n: exact when eps_scale == n / n'.
-
-    Args:
-        heads: kept heads, ascending, the same number in every group (None keeps all).
-        head_dims: kept head-dim channels, ascending (None keeps all).
-        hidden: kept hidden channels (in_proj columns, out_proj rows); None keeps all.
-        rescale_norm / eps_scale: see above.
-    """
-    num_heads, head_dim, groups = mixer.num_heads, mixer.head_dim, mixer.n_groups
-    inner, bc = num_heads * head_dim, 2 * groups * mixer.ssm_state_size
-    if heads is None and head_dims is None:
-        channels = None
-    else:
-        heads = list(range(num_heads)) if heads is None else heads
-        head_dims = list(range(head_dim)) if head_dims is None else head_dims
-        assert len(heads) % groups == 0, (len(heads), groups)
-        channels = [h * head_dim + p for h in heads for p in head_dims]  # head-major, like the original
-    rows = None
-    if channels is not None:
-        dt_rows = [inner + inner + bc + h for h in heads]
-        rows = channels + [inner + c for c in channels] + list(range(2 * inner, 2 * inner + bc)) + dt_rows
-    mixer.in_proj = slice_linear(mixer.in_proj, rows, hidden)
-    mixer.out_proj = slice_linear(mixer.out_proj, hidden, channels)
-    if hidden is not None:
-        mixer.hidden_size = len(hidden)
-    norm = mixer.norm
-    norm.variance_epsilon *= eps_scale
-    if channels is None:
-        return
-    mixer.conv1d = slice_depthwise_conv1d(mixer.conv1d, channels + list(range(inner, inner + bc)))
-    for name in ("A_log", "D", "dt_bias"):
-        setattr(mixer, name, slice_parameter(getattr(mixer, name), heads))
-    old_group = inner // groups
-    norm.weight = slice_parameter(norm.weight, channels)
-    norm.group_size = len(channels) // groups
-    if rescale_norm:
-        norm.weight.mul_((old_group / norm.group_size) ** 0.5)
-    mixer.num_heads, mixer.head_dim = len(heads), len(head_dims)
-    mixer.intermediate_size = len(channels)
-    mixer.conv_dim = len(channels) + bc

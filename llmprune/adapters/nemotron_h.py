@@ -17,23 +17,47 @@ import logging
 import torch
 from torch import nn
 
-from llmprune.adapters.base import Site, derive_attention_and_hidden_scores
+from llmprune.adapters.base import HFAdapter, Site, derive_attention_and_hidden_scores
 from llmprune.adapters.mamba_mixer import (
-    count_mixer_params,
     derive_mamba_scores,
+    mixer_rules,
     prunable_weights,
-    slice_mixer,
     x_channels,
 )
 from llmprune.config import ConfigError
-from llmprune.plan import PruningPlan
-from llmprune.slicing import slice_gqa_attention, slice_linear, slice_rmsnorm, slice_vocab_ends
+from llmprune.pruning.map import PruningMap, Rule
 
 MAMBA, ATTENTION, MLP = "linear_attention", "full_attention", "mlp"  # transformers' layers_block_type names
 log = logging.getLogger("llmprune")
 
 
-class NemotronHAdapter:
+_MIXER = "model.layers.{i}.mixer."
+PRUNING_MAP = PruningMap(  # every layer has one mixer; its type decides which of these names it holds
+    rules=(
+        Rule("model.embeddings.weight", (None, "hidden")),
+        Rule("model.norm_f.weight", ("hidden",), scale="hidden"),
+        Rule("lm_head.weight", (None, "hidden"), matmul=True),
+        Rule("model.layers.{i}.norm.weight", ("hidden",), scale="hidden"),
+        *mixer_rules(_MIXER),
+        Rule(_MIXER + "q_proj.weight", ("q", "hidden"), matmul=True),
+        Rule(_MIXER + "k_proj.weight", ("kv", "hidden"), matmul=True),
+        Rule(_MIXER + "v_proj.weight", ("kv", "hidden"), matmul=True),
+        Rule(_MIXER + "o_proj.weight", ("hidden", "q"), matmul=True),
+        Rule(_MIXER + "q_proj.bias", ("q",)),
+        Rule(_MIXER + "k_proj.bias", ("kv",)),
+        Rule(_MIXER + "v_proj.bias", ("kv",)),
+        Rule(_MIXER + "o_proj.bias", ("hidden",)),
+        Rule(_MIXER + "up_proj.weight", ("ffn", "hidden"), matmul=True),
+        Rule(_MIXER + "down_proj.weight", ("hidden", "ffn"), matmul=True),
+        Rule(_MIXER + "up_proj.bias", ("ffn",)),
+        Rule(_MIXER + "down_proj.bias", ("hidden",)),
+    ),
+    layers="model.layers.{i}.",
+    tied=("lm_head.weight", "model.embeddings.weight"),
+)
+
+
+class NemotronHAdapter(HFAdapter):
     """Minitron pruning for Nemotron-H: hidden size, FFN, attention heads and groups, Mamba heads and head dim,
     and depth."""
 
@@ -41,14 +65,17 @@ class NemotronHAdapter:
     model_types = ("nemotron_h",)
 
     def __init__(self, model: nn.Module):
-        self.model = model
-        self.config = model.config
+        super().__init__(model)
         unsupported = [(i, t) for i, t in enumerate(self.layer_types) if t not in (MAMBA, ATTENTION, MLP)]
         if unsupported:
             raise ConfigError(
                 f"This Nemotron-H model has layers llmprune cannot prune yet: {unsupported} (index, layers_block_type)."
                 f" Supported layer types: {MAMBA} (Mamba-2), {ATTENTION}, {MLP}; MoE checkpoints such as "
                 "Nemotron-3-Nano-30B-A3B are not supported. Use a dense Nemotron-H (e.g. NVIDIA-Nemotron-Nano-12B-v2).")
+
+    @staticmethod
+    def pruning_map() -> PruningMap:
+        return PRUNING_MAP
 
     # -- structure ---------------------------------------------------------------------------------------------
     @property
@@ -116,69 +143,14 @@ class NemotronHAdapter:
         return out
 
     # -- parameter count ---------------------------------------------------------------------------------------
-    def count_params(self, shape: dict[str, int] | None = None, kept_layers: list[int] | None = None) -> int:
-        """Analytic parameter count at `shape` (ModelOpt names; missing keys keep the current sizes).
-
-        Layers differ by type, so a shape with fewer layers needs `kept_layers` (original indices that stay).
-        """
-        s = {**self.dims(), **(shape or {})}
-        types = self.layer_types
-        if kept_layers is not None:
-            types = [types[i] for i in kept_layers]
-        if len(types) != s["num_layers"]:
-            raise ValueError(f"count_params: num_layers={s['num_layers']} of a {len(types)}-layer hybrid depends on "
-                             "which layers stay; pass kept_layers (e.g. plan.kept_layers).")
-        c, h = self.config, s["hidden_size"]
-        heads, groups, hd, ffn = s["num_attention_heads"], s["num_query_groups"], s["head_dim"], s["ffn_hidden_size"]
-        per_type = {
-            MAMBA: count_mixer_params(h, s["mamba_num_heads"], s["mamba_head_dim"], s["mamba_num_groups"],
-                                      c.ssm_state_size, c.conv_kernel, c.use_bias, c.use_conv_bias),
-            ATTENTION: 2 * h * heads * hd + 2 * h * groups * hd,  # NemotronHAttention has no biases
-            MLP: 2 * h * ffn + c.mlp_bias * (ffn + h),
-        }
-        tied = self.model.lm_head.weight is self.backbone.embeddings.weight
-        return s["vocab_size"] * h * (1 if tied else 2) + sum(per_type[t] + h for t in types) + h
 
     # -- pruning -----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def apply(self, plan: PruningPlan) -> None:
-        """Slice the model in place to `plan` and rewrite its config (layers_block_type included)."""
-        d, t, hidden = plan.original, plan.target, plan.hidden
-        rescale = plan.rescale_norms
-        eps_scale = d["hidden_size"] / t["hidden_size"] if hidden is not None and rescale else 1.0
-        hd = d["head_dim"]
+    def check_plan(self, plan) -> None:
         types = self.layer_types
         if ATTENTION in types and not any(types[i] == ATTENTION for i in plan.kept_layers):
             log.warning("nemotron_h: the plan removes every attention layer. Stock transformers (5.x) then cannot "
                         "generate() with a cache (DynamicCache.get_seq_length needs an attention layer); forward "
                         "passes and generate(use_cache=False) work. Keep an attention layer to avoid this.")
-        backbone = self.backbone
-        kept = nn.ModuleList(self.layers[i] for i in plan.kept_layers)
-        for new_idx, (old_idx, layer) in enumerate(zip(plan.kept_layers, kept)):
-            kind, m = types[old_idx], layer.mixer
-            layer.layer_idx = new_idx
-            if kind == MAMBA:
-                m.layer_idx = new_idx  # cache slot
-                slice_mixer(m, plan.mamba_heads[old_idx] if plan.mamba_heads else None,
-                            plan.mamba_head_dim[old_idx] if plan.mamba_head_dim else None, hidden, rescale, eps_scale)
-            elif kind == ATTENTION:
-                m.layer_idx = new_idx
-                heads = plan.heads[old_idx] if plan.heads else None
-                groups = plan.groups[old_idx] if plan.groups else None
-                slice_gqa_attention(m, heads, groups, hd, hidden, t["num_attention_heads"] // t["num_query_groups"])
-            else:
-                ffn = plan.ffn[old_idx] if plan.ffn else None
-                m.up_proj = slice_linear(m.up_proj, ffn, hidden)
-                m.down_proj = slice_linear(m.down_proj, hidden, ffn)
-                m.intermediate_size = t["ffn_hidden_size"]
-                if hidden is not None:
-                    m.hidden_size = t["hidden_size"]
-            if hidden is not None:
-                slice_rmsnorm(layer.norm, hidden, d["hidden_size"] if rescale else None)
-        backbone.layers = kept
-        if hidden is not None:
-            slice_vocab_ends(self.model, backbone.norm_f, hidden, d["hidden_size"] if rescale else None)
-        self.rewrite_config(self.config, t, plan.kept_layers, eps_scale)
 
     @staticmethod
     def rewrite_config(c, target: dict[str, int], kept_layers: list[int], eps_scale: float = 1.0) -> None:

@@ -15,10 +15,11 @@ embeds on the first stage and hands the (S, B, H) hidden states from stage to st
 (forward only, one batch at a time); each stage scores its own layers and derive_scores gathers every stage's
 score vectors onto every rank, so the plan is the one a single stage would make.
 
-Pruning gathers a layer's full weights in Hugging Face layout, keeps the planned rows and columns exactly as the
-HF adapter does, and writes them into a GPTModel rebuilt at the pruned shape (megatron modules cache their
-per-partition sizes), re-split evenly over the TP ranks; removed layers are left out and layer_number is renumbered.
-Each pipeline stage keeps its own surviving layers (the new split may be uneven); to_hf gathers every stage's.
+Pruning gathers a layer's full weights in Hugging Face layout, slices them with the llama pruning map (the one the
+HF backend and streaming use, so all three give the same bits), and writes them into a GPTModel rebuilt at the
+pruned shape (megatron modules cache their per-partition sizes), re-split evenly over the TP ranks; removed layers
+are left out and layer_number is renumbered. Each pipeline stage keeps its own surviving layers (the new split may
+be uneven); to_hf gathers every stage's.
 """
 
 from __future__ import annotations
@@ -29,29 +30,19 @@ import torch
 from torch import nn
 
 from llmprune.adapters.base import Site, derive_attention_and_hidden_scores
-from llmprune.adapters.llama import LlamaAdapter
+from llmprune.adapters.llama import PRUNING_MAP, LlamaAdapter
+from llmprune.backends.megatron import convert
+from llmprune.backends.megatron.parallel import (
+    Parallel,
+    close,
+    gather_stages,
+    gather_tp,
+    init_model_parallel,
+    stage_sizes,
+)
 from llmprune.config import ConfigError
-from llmprune.megatron import convert
-from llmprune.megatron.parallel import Parallel, close, gather_stages, gather_tp, init_model_parallel, stage_sizes
 from llmprune.plan import PruningPlan
-from llmprune.slicing import head_rows
-
-
-def _keep(t: torch.Tensor, rows=None, cols=None) -> torch.Tensor:
-    """slice_linear's index_select order (rows, then columns), so both backends produce the same bits."""
-    if rows is not None:
-        t = t.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=t.device))
-    if cols is not None:
-        t = t.index_select(1, torch.as_tensor(cols, dtype=torch.long, device=t.device))
-    return t
-
-
-def _keep_norm(weight: torch.Tensor, hidden, rescale_from: int | None) -> torch.Tensor:
-    """slice_rmsnorm's arithmetic on a weight tensor (see slicing.slice_rmsnorm)."""
-    weight = _keep(weight, hidden).clone()
-    if rescale_from is not None:
-        weight.mul_((rescale_from / len(hidden)) ** 0.5)
-    return weight
+from llmprune.pruning.apply import eps_scale
 
 
 class MegatronGPTAdapter:
@@ -214,50 +205,24 @@ class MegatronGPTAdapter:
         layer it holds."""
         if plan.is_empty and plan.kept_layers == list(range(self.stages.num_layers)):
             return
-        d, t = plan.original, plan.target
-        rescale_from = d["hidden_size"] if plan.rescale_norms and plan.hidden is not None else None
+        t = plan.target
         config = copy.deepcopy(self.config)
-        self.rewrite_config(config, t, plan.kept_layers, d["hidden_size"] / t["hidden_size"] if rescale_from else 1.0)
+        self.rewrite_config(config, t, plan.kept_layers, eps_scale(plan))
         starts = self.stages.starts
         sizes = [sum(starts[p] <= i < starts[p + 1] for i in plan.kept_layers) for p in range(self.stages.count)]
         old, new = self.model, convert.build_model(config, self.parallel, self.dtype, self.impl, sizes)
         old_layers = {convert.layer_index(layer): layer for layer in old.decoder.layers}
         kept_here = [i for i in plan.kept_layers if i in old_layers]  # this stage's survivors, in order
         for new_layer, i in zip(new.decoder.layers, kept_here, strict=True):
-            tensors = convert.to_hf(old_layers[i], convert.LAYER_MAP, self.config, self.parallel)
-            tensors = self._prune_layer(tensors, plan, i, rescale_from)
+            tensors = convert.to_hf(old_layers[i], convert.LAYER_MAP, self.config, self.parallel)  # the whole layer
+            prefix = PRUNING_MAP.layers.format(i=i)  # the HF adapter's map, on the HF names of this layer's tensors
+            tensors = {name: PRUNING_MAP.prune_tensor(prefix + name, t, plan)[1] for name, t in tensors.items()}
             convert.from_hf(new_layer, convert.LAYER_MAP, tensors, config, self.parallel)
         tensors = convert.to_hf(old, convert.GLOBAL_MAP, self.config, self.parallel)  # those this stage holds
-        if plan.hidden is not None:
-            for name in ("model.embed_tokens.weight", "lm_head.weight"):
-                if name in tensors:
-                    tensors[name] = _keep(tensors[name], None, plan.hidden)
-            if "model.norm.weight" in tensors:
-                tensors["model.norm.weight"] = _keep_norm(tensors["model.norm.weight"], plan.hidden, rescale_from)
+        tensors = {name: PRUNING_MAP.prune_tensor(name, t, plan)[1] for name, t in tensors.items()}
         convert.from_hf(new, convert.GLOBAL_MAP, tensors, config, self.parallel)
         self.model, self.config, self.stages = new, config, self.parallel.stages(sizes)
 
-    @staticmethod
-    def _prune_layer(w: dict[str, torch.Tensor], plan: PruningPlan, i: int, rescale_from) -> dict[str, torch.Tensor]:
-        """One layer's full HF tensors cut to the plan: the rows and columns LlamaAdapter.apply keeps."""
-        hd, hidden = plan.original["head_dim"], plan.hidden
-        heads = plan.heads[i] if plan.heads else None
-        groups = plan.groups[i] if plan.groups else None
-        q_rows = head_rows(heads, hd) if heads is not None else None
-        kv_rows = head_rows(groups, hd) if groups is not None else None
-        ffn = plan.ffn[i] if plan.ffn else None
-        rows_cols = {"self_attn.q_proj": (q_rows, hidden), "self_attn.k_proj": (kv_rows, hidden),
-                     "self_attn.v_proj": (kv_rows, hidden), "self_attn.o_proj": (hidden, q_rows),
-                     "mlp.gate_proj": (ffn, hidden), "mlp.up_proj": (ffn, hidden), "mlp.down_proj": (hidden, ffn)}
-        out = dict(w)
-        for name, (rows, cols) in rows_cols.items():
-            out[f"{name}.weight"] = _keep(w[f"{name}.weight"], rows, cols)
-            if f"{name}.bias" in w:
-                out[f"{name}.bias"] = _keep(w[f"{name}.bias"], rows)
-        if hidden is not None:
-            for name in ("input_layernorm.weight", "post_attention_layernorm.weight"):
-                out[name] = _keep_norm(w[name], hidden, rescale_from)
-        return out
 
     # -- export ------------------------------------------------------------------------------------------------
     def to_hf(self, like: nn.Module) -> nn.Module:

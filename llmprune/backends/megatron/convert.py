@@ -22,8 +22,8 @@ import warnings
 import torch
 from torch import nn
 
+from llmprune.backends.megatron.parallel import Parallel, gather_stages, gather_tp, require_megatron, stage_sizes
 from llmprune.config import ConfigError
-from llmprune.megatron.parallel import Parallel, gather_stages, gather_tp, require_megatron, stage_sizes
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 

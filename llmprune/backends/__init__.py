@@ -1,0 +1,1 @@
+"""Backends other than live Hugging Face modules: megatron-core with tensor and pipeline parallelism."""

@@ -1,0 +1,1 @@
+"""Export: Hugging Face directories (stock transformers), the Hub, and streamed safetensors shards."""
