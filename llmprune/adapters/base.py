@@ -118,7 +118,15 @@ class HFAdapter:
         embed, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
         return CostModel(self.pruning_map(), parameter_shapes(self.model), self.dims(),
                          tied=head is not None and head.weight is embed.weight,
-                         layer_types=getattr(self, "layer_types", None))
+                         layer_types=getattr(self, "layer_types", None), extra=self.cost_constants())
+
+    def cost_constants(self) -> dict:
+        """Sizes the cost formulas need that pruning never changes (Mamba: state size, conv kernel, chunk)."""
+        c = self.config
+        state = getattr(c, "ssm_state_size", None) or getattr(c, "state_size", None)
+        if state is None:
+            return {}
+        return {"ssm_state_size": state, "conv_kernel": c.conv_kernel, "chunk_size": c.chunk_size}
 
     def count_params(self, shape: dict[str, int] | None = None, kept_layers: list[int] | None = None) -> int:
         return self.cost_model().params(shape, kept_layers)

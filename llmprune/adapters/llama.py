@@ -24,7 +24,7 @@ def _layer_rules(prefix: str) -> tuple[Rule, ...]:
         Rule(p + "self_attn.q_proj.weight", ("q", "hidden"), matmul=True),
         Rule(p + "self_attn.k_proj.weight", ("kv", "hidden"), matmul=True),
         Rule(p + "self_attn.v_proj.weight", ("kv", "hidden"), matmul=True),
-        Rule(p + "self_attn.o_proj.weight", ("hidden", "q"), matmul=True),
+        Rule(p + "self_attn.o_proj.weight", ("hidden", "q"), matmul=True, kind="attention"),
         Rule(p + "self_attn.q_proj.bias", ("q",)),
         Rule(p + "self_attn.k_proj.bias", ("kv",)),
         Rule(p + "self_attn.v_proj.bias", ("kv",)),

@@ -30,7 +30,7 @@ def mixer_rules(prefix: str) -> tuple[Rule, ...]:
         Rule(p + "in_proj.bias", (IN_PROJ_ROWS,)),
         Rule(p + "conv1d.weight", (CONV_CHANNELS,)),  # (channels, 1, kernel): depthwise
         Rule(p + "conv1d.bias", (CONV_CHANNELS,)),
-        Rule(p + "A_log", ("m_heads",)),
+        Rule(p + "A_log", ("m_heads",), kind="ssm"),
         Rule(p + "D", ("m_heads",)),
         Rule(p + "dt_bias", ("m_heads",)),
         Rule(p + "norm.weight", ("m_inner",), scale="gated"),

@@ -42,7 +42,7 @@ PRUNING_MAP = PruningMap(  # every layer has one mixer; its type decides which o
         Rule(_MIXER + "q_proj.weight", ("q", "hidden"), matmul=True),
         Rule(_MIXER + "k_proj.weight", ("kv", "hidden"), matmul=True),
         Rule(_MIXER + "v_proj.weight", ("kv", "hidden"), matmul=True),
-        Rule(_MIXER + "o_proj.weight", ("hidden", "q"), matmul=True),
+        Rule(_MIXER + "o_proj.weight", ("hidden", "q"), matmul=True, kind="attention"),
         Rule(_MIXER + "q_proj.bias", ("q",)),
         Rule(_MIXER + "k_proj.bias", ("kv",)),
         Rule(_MIXER + "v_proj.bias", ("kv",)),

@@ -1,7 +1,17 @@
-"""The cost model: parameters, forward FLOPs per token and memory of a model at any target, from the family's
-pruning map and the original parameter shapes, without building the pruned model.
+"""The cost model: parameters, forward FLOPs and memory of a model at any target, from the family's pruning map and
+the original parameter shapes, without building the pruned model.
 
 A search enumerates thousands of candidate targets; each costs one pass over the parameter inventory.
+
+FLOPs count what a forward pass over one sequence of S tokens computes, as torch's FlopCounterMode counts it
+(tests/test_cost.py checks integer equality on every family):
+- every linear layer (LM head included): 2 FLOPs per weight per token (a bias add counts nothing);
+- attention scores and values: 4 * S^2 * heads * head_dim per attention layer (the full S x S product that the
+  math kernels compute; FlopCounterMode sees it with attn_implementation="eager");
+- Mamba-2 (transformers' chunked scan): the depthwise conv over S + K - 1 positions (it pads K - 1 and slices) and
+  the five einsums of the SSD scan on the sequence padded to whole chunks of Q = chunk_size (c = ceil(S / Q)):
+  2cQ^2 H (N + P) + 4cQ H P N + 2(c + 1)^2 H P N for H heads of head dim P and state size N;
+- embeddings, norms, activations, rotary and residual adds: 0.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ class CostModel:
         dims: the original sizes (`adapter.dims()`).
         tied: the LM head shares the input embedding (count it once).
         layer_types: per layer, its type (hybrids); layers of other types hold other parameters.
-        extra: family constants the FLOPs and cache formulas need (ssm state size, conv kernel, chunk size).
+        extra: family constants the FLOPs and cache formulas need: ssm_state_size, conv_kernel, chunk_size.
     """
 
     pmap: object
@@ -67,6 +77,55 @@ class CostModel:
         """Exact parameter count at `target`."""
         return sum(math.prod(s) for s in self.pruned_shapes(target, kept_layers).values())
 
-    def weight_bytes(self, target: dict[str, int] | None = None, kept_layers: list[int] | None = None,
-                     dtype: str = "bfloat16") -> int:
-        return self.params(target, kept_layers) * DTYPE_BYTES[dtype]
+    def _mixers(self, target: dict[str, int], kept: list[int]) -> dict[str, int]:
+        """How many kept layers hold an attention / an SSM mixer."""
+        count = {"attention": 0, "ssm": 0}
+        for name in self.shapes:
+            rule, layer = self.pmap.rule_for(name)
+            if rule.kind and (layer is None or layer in kept):
+                count[rule.kind] += 1
+        return count
+
+    def flops(self, seq_len: int, target: dict[str, int] | None = None, kept_layers: list[int] | None = None) -> int:
+        """Forward FLOPs of one sequence of `seq_len` tokens (logits at every position) at `target`."""
+        t = {**self.dims, **(target or {})}
+        kept = self._kept(t, kept_layers)
+        shapes = self.pmap.shapes_at(self.shapes, self.dims, t, kept)  # tied head included: it is a matmul
+        total = 2 * seq_len * sum(math.prod(shapes[name]) for name in shapes if self.pmap.rule_for(name)[0].matmul)
+        mixers = self._mixers(t, kept)
+        if mixers["attention"]:
+            total += mixers["attention"] * 4 * seq_len**2 * t["num_attention_heads"] * t["head_dim"]
+        if mixers["ssm"]:
+            total += mixers["ssm"] * (self._conv_flops(t, seq_len) + self._scan_flops(t, seq_len))
+        return total
+
+    def _conv_dim(self, t: dict[str, int]) -> int:
+        return t["mamba_num_heads"] * t["mamba_head_dim"] + 2 * t["mamba_num_groups"] * self.extra["ssm_state_size"]
+
+    def _conv_flops(self, t: dict[str, int], seq_len: int) -> int:
+        kernel = self.extra["conv_kernel"]
+        return 2 * self._conv_dim(t) * kernel * (seq_len + kernel - 1)
+
+    def _scan_flops(self, t: dict[str, int], seq_len: int) -> int:
+        q = self.extra["chunk_size"]
+        c = -(-seq_len // q)
+        h, p, n = t["mamba_num_heads"], t["mamba_head_dim"], self.extra["ssm_state_size"]
+        return 2 * c * q * q * h * (n + p) + 4 * c * q * h * p * n + 2 * (c + 1) ** 2 * h * p * n
+
+    def memory(self, target: dict[str, int] | None = None, kept_layers: list[int] | None = None,
+               dtype: str = "bfloat16", batch_size: int = 1, seq_len: int = 4096) -> dict[str, int]:
+        """Bytes for inference at `target`: weights, KV cache (K and V per attention layer for every token) and SSM
+        state (conv window and scan state per Mamba layer, as transformers' cache holds them)."""
+        t = {**self.dims, **(target or {})}
+        kept = self._kept(t, kept_layers)
+        width = DTYPE_BYTES[dtype]
+        mixers = self._mixers(t, kept)
+        kv = ssm = 0
+        if mixers["attention"]:
+            kv = mixers["attention"] * 2 * t["num_query_groups"] * t["head_dim"] * seq_len * batch_size * width
+        if mixers["ssm"]:
+            per_layer = (self._conv_dim(t) * self.extra["conv_kernel"]
+                         + t["mamba_num_heads"] * t["mamba_head_dim"] * self.extra["ssm_state_size"])
+            ssm = mixers["ssm"] * per_layer * batch_size * width
+        weights = self.params(t, kept) * width
+        return {"weights": weights, "kv_cache": kv, "ssm_state": ssm, "total": weights + kv + ssm}

@@ -40,12 +40,15 @@ class Rule:
         scale: "hidden" for RMSNorm weights over the hidden width and "gated" for Mamba's grouped gated norm: with
             `plan.rescale_norms` the kept weights are multiplied by sqrt(old width / new width) (see `norm_factor`).
         matmul: the weight of a linear layer (forward FLOPs: 2 per weight element per token).
+        kind: "attention" or "ssm" on one parameter of every attention / Mamba mixer (the cost model counts
+            attention scores, KV cache, the Mamba scan and its state once per layer that holds it).
     """
 
     pattern: str
     axes: tuple[Axis, ...]
     scale: str | None = None
     matmul: bool = False
+    kind: str | None = None
 
     @cached_property
     def regex(self) -> re.Pattern:
