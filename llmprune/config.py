@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -32,12 +33,19 @@ class ModelConfig:
     gguf_file: GGUF file name inside `path` when `path` is a directory holding several.
     dtype: float32 | bfloat16 | float16 | auto (scores are always accumulated in float32).
     device: auto | cpu | cuda | cuda:N.
+    streaming: auto | true | false. true prunes a local safetensors checkpoint layer by layer: calibration loads one
+        layer at a time and pruned/ is written tensor by tensor, for checkpoints larger than memory (same scores and
+        weights as in memory; no distillation). auto streams when the checkpoint is larger than
+        streaming_memory_fraction of the available memory.
+    streaming_memory_fraction: see streaming.
     """
 
     path: str = "embedded:smollm2"
     gguf_file: str | None = None
     dtype: str = "float32"
     device: str = "auto"
+    streaming: Any = "auto"
+    streaming_memory_fraction: float = 0.5
 
 
 @dataclass
@@ -407,6 +415,15 @@ def validate(cfg: DictConfig) -> None:
         problems.append("output_dir is empty; set output_dir=<path>.")
     if cfg.backend == "megatron":
         problems += _megatron_problems(cfg)
+    if cfg.model.streaming not in ("auto", True, False):
+        problems.append(f"model.streaming={cfg.model.streaming!r} is not one of: auto, true, false.")
+    elif cfg.model.streaming is True:
+        from llmprune.models import streaming_blockers
+
+        problems += [f"model.streaming=true prunes without loading the model, but {b}." for b in
+                     streaming_blockers(cfg)]
+    if not 0 < cfg.model.streaming_memory_fraction <= 1:
+        problems.append(f"model.streaming_memory_fraction={cfg.model.streaming_memory_fraction} must lie in (0, 1].")
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
 

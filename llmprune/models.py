@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,68 @@ def drop_gguf_quantization(model) -> None:
                 setattr(model, attr, value)
             except AttributeError:  # a read-only property on some versions
                 pass
+
+
+def available_memory() -> int:
+    """Bytes of memory available to this process now (MemAvailable on Linux)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def safetensors_bytes(source: ModelSource) -> int | None:
+    """Size of the safetensors checkpoint of a local model directory, or None when it has none (GGUF, Hub id)."""
+    folder = Path(source.location)
+    if source.gguf_file or not folder.is_dir():
+        return None
+    files = list(folder.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) if files else None
+
+
+def choose_streaming(model_cfg, source: ModelSource, cfg) -> bool:
+    """Whether to prune layer by layer from the checkpoint (model.streaming).
+
+    auto streams a local safetensors checkpoint larger than model.streaming_memory_fraction of the available memory.
+    Raises ConfigError where streaming is asked for (or needed) but the run cannot stream.
+    """
+    size = safetensors_bytes(source)
+    setting = model_cfg.streaming
+    if setting == "auto":
+        limit = model_cfg.streaming_memory_fraction * available_memory()
+        if size is None or size <= limit:
+            return False
+        blockers = streaming_blockers(cfg)
+        if blockers:
+            raise ConfigError(f"model.path={model_cfg.path}: the checkpoint ({size / 1e9:.1f} GB) is larger than "
+                              f"model.streaming_memory_fraction={model_cfg.streaming_memory_fraction} of the available "
+                              f"memory ({available_memory() / 1e9:.1f} GB), so model.streaming=auto would prune it "
+                              f"layer by layer, but {'; '.join(blockers)}. Set model.streaming=false to load it "
+                              "anyway, or change those settings.")
+        return True
+    if setting is True and size is None:
+        raise ConfigError(f"model.streaming=true needs a local Hugging Face directory with safetensors files; "
+                          f"model.path={model_cfg.path} is not one (download it first, or set model.streaming=false).")
+    return bool(setting)
+
+
+def streaming_blockers(cfg) -> list[str]:
+    """What in `cfg` needs the whole model in memory (streaming prunes without loading it)."""
+    out = []
+    if cfg.distill.max_steps > 0:
+        out.append(f"distillation needs the model in memory (distill.max_steps={cfg.distill.max_steps}; set 0)")
+    if cfg.distill.teacher_correction_steps > 0:
+        out.append("teacher correction needs the model in memory (set distill.teacher_correction_steps=0)")
+    if cfg.backend != "hf":
+        out.append(f"backend={cfg.backend} shards the model itself (use backend=hf)")
+    if cfg.prune.importance != "activation":
+        out.append(f"prune.importance={cfg.prune.importance} scores the whole model (use activation)")
+    if cfg.export.push_to_hub:
+        out.append("export.push_to_hub uploads final/ (push pruned/ yourself)")
+    return out
 
 
 def load_model(path: str, gguf_file: str | None = None, dtype: str = "float32", device: str = "auto"):

@@ -74,8 +74,10 @@ class Adapter(Protocol):
     def rewrite_config(c, target: dict[str, int], kept_layers: list[int], eps_scale: float = 1.0) -> None:
         """Set config `c` to the shape `target` with the layers `kept_layers` (also used for early export checks)."""
 
-    def stock_alternative(self):
-        """(config, model class) of an equivalent stock architecture for shapes the own config rejects, or None."""
+    @staticmethod
+    def stock_alternative(config):
+        """(config, model class) of an equivalent stock architecture for a pruned `config` whose own class rejects
+        the shape, or None."""
 
 
 def derive_attention_and_hidden_scores(raw: dict[str, torch.Tensor], dims: dict[str, int]) -> dict[str, torch.Tensor]:

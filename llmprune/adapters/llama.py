@@ -135,7 +135,8 @@ class LlamaAdapter(HFAdapter):
         c.rms_norm_eps = c.rms_norm_eps * eps_scale
 
     # -- export ------------------------------------------------------------------------------------------------
-    def stock_alternative(self):
+    @staticmethod
+    def stock_alternative(config):
         """An architecture-identical stock config class for shapes this model's own config class rejects.
 
         LlamaConfig insists hidden_size % num_attention_heads == 0 even with an explicit head_dim; MistralConfig
@@ -143,7 +144,7 @@ class LlamaAdapter(HFAdapter):
         """
         from transformers import MistralConfig, MistralForCausalLM
 
-        c = self.config
+        c = config
         if c.model_type != "llama" or getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
             return None
         fields = c.to_dict()

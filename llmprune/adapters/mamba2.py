@@ -127,6 +127,7 @@ class Mamba2Adapter(HFAdapter):
         c.layer_norm_epsilon = c.layer_norm_epsilon * eps_scale
 
     # -- export ------------------------------------------------------------------------------------------------
-    def stock_alternative(self):
+    @staticmethod
+    def stock_alternative(config):
         """None: the shapes Mamba2Config rejects are refused before pruning (check_expand)."""
         return None

@@ -167,6 +167,7 @@ class NemotronHAdapter(HFAdapter):
         c.layer_norm_epsilon = c.layer_norm_epsilon * eps_scale
 
     # -- export ------------------------------------------------------------------------------------------------
-    def stock_alternative(self):
+    @staticmethod
+    def stock_alternative(config):
         """None: NemotronHConfig accepts every shape this adapter produces."""
         return None

@@ -30,7 +30,7 @@ def check_exportable(adapter, target: dict[str, int], architecture: str = "auto"
     config = copy.deepcopy(adapter.config)
     adapter.rewrite_config(config, target, list(range(target["num_layers"])))
     reason = _config_accepts(config)
-    if reason is not None and (architecture != "auto" or adapter.stock_alternative() is None):
+    if reason is not None and (architecture != "auto" or adapter.stock_alternative(config) is None):
         raise ConfigError(_no_stock_config_message(config, reason, architecture))
 
 
@@ -48,13 +48,9 @@ def exportable_model(model, adapter, architecture: str = "auto"):
     an explicit head_dim) and `architecture` is 'auto', the weights move into the adapter's architecture-identical
     stock class. Raises ConfigError when no stock config can express the shape.
     """
-    reason = _config_accepts(model.config)
-    if reason is None:
-        return model, f"{type(model).__name__} (the model's own architecture)"
-    alternative = adapter.stock_alternative() if architecture == "auto" else None
-    if alternative is None:
-        raise ConfigError(_no_stock_config_message(model.config, reason, architecture))
-    config, model_cls = alternative
+    config, model_cls, note = export_architecture(adapter, model.config, type(model), architecture)
+    if model_cls is type(model):
+        return model, note
     with torch.device("meta"):
         converted = model_cls(config)
     converted.load_state_dict(model.state_dict(), strict=True, assign=True)
@@ -62,8 +58,22 @@ def exportable_model(model, adapter, architecture: str = "auto"):
         converted.get_output_embeddings().weight = converted.get_input_embeddings().weight
     converted.generation_config = model.generation_config
     converted.eval()
-    return converted, (f"{model_cls.__name__} (architecture-identical to {type(model).__name__}, whose config "
-                       f"rejects this shape: {reason})")
+    return converted, note
+
+
+def export_architecture(adapter, config, model_cls, architecture: str = "auto"):
+    """(config, model class, note) to write a model of this pruned `config` as: its own, or, when its config class
+    rejects the shape and `architecture` is 'auto', the adapter's architecture-identical stock class (same tensor
+    names). Raises ConfigError when no stock config can express the shape."""
+    reason = _config_accepts(config)
+    if reason is None:
+        return config, model_cls, f"{model_cls.__name__} (the model's own architecture)"
+    alternative = adapter.stock_alternative(config) if architecture == "auto" else None
+    if alternative is None:
+        raise ConfigError(_no_stock_config_message(config, reason, architecture))
+    new_config, new_cls = alternative
+    return new_config, new_cls, (f"{new_cls.__name__} (architecture-identical to {model_cls.__name__}, whose config "
+                                 f"rejects this shape: {reason})")
 
 
 def atomic_directory(target: Path, write) -> None:

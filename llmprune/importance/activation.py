@@ -35,8 +35,11 @@ class ActivationScores:
         self.sums: dict[str, torch.Tensor] = {}
         self.mask: torch.Tensor | None = None  # (B, S) of the current batch; None when it has no padding
         self.group = group
+        self.paused = False  # hooks stay registered but add nothing (streaming runs depth samples through them)
 
     def add(self, name: str, act: torch.Tensor) -> None:
+        if self.paused:
+            return
         act = act.detach()  # (B, S, C)
         if self.mask is None:
             # abs().sum() rather than linalg.vector_norm(ord=1, dim=1): the same float32 sums, but 3-7x faster on
@@ -77,6 +80,8 @@ def _hook_block_importance(layers, layer_ids, totals: torch.Tensor, stats: Activ
 
     def hook(i):
         def fn(mod, args, kwargs, out):
+            if stats.paused:
+                return
             x_in = args[0] if args else kwargs["hidden_states"]
             x_out = out[0] if isinstance(out, tuple) else out
             dissimilarity = 1.0 - F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)  # (B, S)

@@ -23,7 +23,7 @@ from llmprune.distributed import Stages, all_reduce_sum, layer_stages
 from llmprune.progress import progress
 
 
-def _token_losses(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None, metric: str,
+def token_losses(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None, metric: str,
                   teacher: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """Summed next-token loss (lm_loss) or summed KL(teacher || model) over real tokens, float32 scalar.
 
@@ -116,13 +116,13 @@ def removal_scores(model, adapter, batches: Iterable[Batch], metric: str = "lm_l
                 if metric == "kl":  # once per batch, shared by every candidate
                     teacher_logprobs = F.log_softmax(base_logits.float(), dim=-1)
                     teacher = (teacher_logprobs, teacher_logprobs.exp())
-                base_sum += _token_losses(base_logits, input_ids, mask, metric, teacher)
+                base_sum += token_losses(base_logits, input_ids, mask, metric, teacher)
                 tokens += input_ids[:, 1:].numel() if mask is None else mask[:, 1:].sum()
             for c, (start, size) in enumerate(candidates):
                 hidden = _resume(layers, recorded, start, start + size, stages)
                 if hidden is not None:  # the last stage
                     hidden = hidden.transpose(0, 1) if seq_first else hidden  # (B, S, H)
-                    sums[c] += _token_losses(adapter.logits(hidden[:, :-1]), input_ids, mask, metric, teacher)
+                    sums[c] += token_losses(adapter.logits(hidden[:, :-1]), input_ids, mask, metric, teacher)
             recorded.clear()
     finally:
         for handle in handles:

@@ -18,11 +18,41 @@ from safetensors.torch import save_file
 from llmprune.config import ConfigError
 
 
-class Checkpoint:
-    """The safetensors shards of a Hugging Face model directory, read lazily by tensor name."""
+def key_renames(model) -> list[tuple[str, str]]:
+    """(checkpoint name prefix, module name prefix) pairs that transformers applies when it loads this model, e.g.
+    NemotronH checkpoints store 'backbone.*' for the module's 'model.*'. Only plain prefix renamings exist for the
+    supported families; anything else is refused rather than guessed."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
 
-    def __init__(self, folder: str | Path):
+    renames = []
+    for t in get_model_conversion_mapping(model, add_legacy=False):
+        if type(t) is WeightRenaming:
+            (src,), (dst,) = t.source_patterns, t.target_patterns
+            if any(ch in src + dst for ch in "()[]\\*+?^$|"):
+                raise ConfigError(f"streaming: {type(model).__name__} renames checkpoint keys with a pattern "
+                                  f"({src!r} -> {dst!r}); set model.streaming=false.")
+            renames.append((src, dst))
+    return renames
+
+
+def _rename(name: str, renames: list[tuple[str, str]]) -> str:
+    for src, dst in renames:
+        if name.startswith(src):
+            return dst + name[len(src):]
+    return name
+
+
+class Checkpoint:
+    """The safetensors shards of a Hugging Face model directory, read lazily by tensor name.
+
+    Names are the model's module names (`renames` from `key_renames` map the stored names to them); `stored_name`
+    gives a module name back as the checkpoint stores it (what save_pretrained writes).
+    """
+
+    def __init__(self, folder: str | Path, renames: list[tuple[str, str]] = ()):
         self.folder = Path(folder)
+        self.renames = list(renames)
         index = self.folder / "model.safetensors.index.json"
         if index.exists():
             self.files = dict(json.loads(index.read_text())["weight_map"])  # name -> file
@@ -33,9 +63,13 @@ class Checkpoint:
             raise ConfigError(f"{self.folder} holds no model.safetensors or model.safetensors.index.json; streaming "
                               "needs a safetensors checkpoint (set model.streaming=false for other formats).")
         self._open: dict[str, object] = {}
+        self.stored = {_rename(name, self.renames): name for name in self.files}  # module name -> stored name
 
     def names(self) -> list[str]:
-        return list(self.files)
+        return list(self.stored)
+
+    def stored_name(self, name: str) -> str:
+        return _rename(name, [(dst, src) for src, dst in self.renames])
 
     def nbytes(self) -> int:
         return sum((self.folder / f).stat().st_size for f in set(self.files.values()))
@@ -46,18 +80,20 @@ class Checkpoint:
         return self._open[file]
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(self.files[name]).get_tensor(name)
+        stored = self.stored[name]
+        return self._handle(self.files[stored]).get_tensor(stored)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self.files[name]).get_slice(name).get_shape())
+        stored = self.stored[name]
+        return tuple(self._handle(self.files[stored]).get_slice(stored).get_shape())
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: self.shape(name) for name in self.files}
+        return {name: self.shape(name) for name in self.stored}
 
     def layer_tensors(self, pmap, layer: int) -> dict[str, torch.Tensor]:
         """Layer `layer`'s tensors by their name inside the layer (the prefix stripped)."""
         prefix = pmap.layers.format(i=layer)
-        return {name[len(prefix):]: self.get(name) for name in self.files if name.startswith(prefix)}
+        return {name[len(prefix):]: self.get(name) for name in self.stored if name.startswith(prefix)}
 
     def close(self) -> None:
         self._open.clear()
@@ -110,7 +146,7 @@ def write_pruned_shards(source: Checkpoint, pmap, plan, out_dir: Path, max_shard
                 new_name, tensor = out
                 if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)
-                yield new_name, tensor
+                yield source.stored_name(new_name), tensor
 
     weight_map, total, files = {}, 0, []
     for k, shard in enumerate(_shards(pruned(), parse_size(max_shard_size))):

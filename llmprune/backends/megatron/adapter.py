@@ -195,8 +195,7 @@ class MegatronGPTAdapter:
     # -- pruning -----------------------------------------------------------------------------------------------
     rewrite_config = staticmethod(LlamaAdapter.rewrite_config)  # the HF config the model exports to
 
-    def stock_alternative(self):
-        return LlamaAdapter.stock_alternative(self)  # reads only self.config, the HF config
+    stock_alternative = staticmethod(LlamaAdapter.stock_alternative)  # of the HF config the model exports to
 
     @torch.no_grad()
     def apply(self, plan: PruningPlan) -> None:

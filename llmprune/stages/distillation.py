@@ -1,0 +1,57 @@
+"""The distill stage: the pruned student learns from the teacher (losses and loop in distill.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from llmprune.distill import Student, distill_loss, train
+from llmprune.evaluate import evaluate
+from llmprune.losses import channel_projection
+from llmprune.plan import PruningPlan
+
+
+def unit_names(root: torch.nn.Module, layers) -> tuple[str, ...]:
+    """The names of `layers` inside `root`: the FSDP units when distill.strategy=fsdp."""
+    names = {id(m): n for n, m in root.named_modules()}
+    return tuple(names[id(layer)] for layer in layers)
+
+
+def distill_student(distill: DictConfig, seed: int, student, student_adapter, teacher, plan: PruningPlan,
+                    windows: torch.Tensor, heldout, run_dir: Path, fingerprint: str) -> list[dict]:
+    """Distill `student` from `teacher` in place; returns the metric rows."""
+    d = distill
+    student.requires_grad_(True)  # built from the frozen teacher's tensors
+    hidden_layers, projection = (), None
+    if d.hidden_weight:
+        hidden_layers = tuple(range(len(plan.kept_layers)))  # student layer j came from teacher layer kept_layers[j]
+        if plan.hidden is not None:
+            projection = channel_projection(plan.target["hidden_size"], plan.original["hidden_size"], plan.hidden)
+            projection.to(next(student.parameters()).device)
+    if d.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module = Student(student, projection, hidden_layers)
+    loss = distill_loss(teacher, d, tuple(plan.kept_layers[j] for j in hidden_layers))
+
+    def evaluate_fn(trained: torch.nn.Module) -> dict:
+        result = evaluate(trained, heldout, teacher=teacher, desc="evaluate student")
+        return {"eval_perplexity": result["perplexity"], "eval_kl": result["kl_to_teacher"]}
+
+    history = train(module, windows, loss, d, run_dir, "distill", fingerprint, evaluate_fn, seed=seed,
+                    shard_units=unit_names(module, student_adapter.layers))
+    if d.gradient_checkpointing:
+        student.gradient_checkpointing_disable()
+    return history
+
+
+def distill_summary(history: list[dict], distill: DictConfig, seconds: float) -> dict:
+    last = history[-1]
+    steps_run = [r for r in history if "seconds" in r]
+    return {"status": f"{last['step']} steps, {last['tokens']:,} tokens", "steps": last["step"],
+            "tokens": last["tokens"], "seconds": seconds,
+            "seconds_per_step": round(seconds / max(1, len(steps_run)), 3),
+            "final_train_loss": last["loss"], "metrics": "distill_metrics.jsonl",
+            "losses": {k: distill[k] for k in ("kl_weight", "reverse_kl_weight", "topk_weight", "hidden_weight",
+                                               "lm_weight") if distill[k]}}
