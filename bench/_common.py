@@ -98,10 +98,28 @@ def md_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def provenance() -> dict:
+    """The commit (with a flag when the tree had uncommitted changes) and the command that produced a result."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(root) if script.is_relative_to(root) else script
+    return {"commit": git("rev-parse", "HEAD") or None, "uncommitted_changes": bool(git("status", "--porcelain")),
+            "command": " ".join(["python", str(shown), *sys.argv[1:]])}
+
+
 def write_results(name: str, markdown: str, payload: dict) -> None:
-    """bench/results/{name}.md and .json; print the markdown."""
+    """bench/results/{name}.md and .json (the commit and command that made them last: a reloaded payload never
+    overrides them); print the markdown."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"script": f"bench/{name}.py", "argv": sys.argv[1:], "machine": machine_info(), **payload}
+    payload = {**payload, "machine": machine_info(), **provenance()}
+    markdown += f"\n\n_{payload['command']} at commit {str(payload['commit'])[:10]}_"
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     (RESULTS / f"{name}.md").write_text(markdown + "\n", encoding="utf-8")
     print(markdown)

@@ -54,17 +54,20 @@ FAST = [name for name, (_, family, _) in CASES.items() if family != "smollm2"]
 
 
 def weights_hash(folder: Path) -> str:
-    """sha256 over (name, dtype, shape, bytes) of every tensor in the folder's safetensors files, by name."""
-    tensors = {}
+    """sha256 over (name, dtype, shape, bytes) of every tensor in the folder's safetensors files, by name; one tensor
+    in memory at a time."""
+    import torch
+
+    where = {}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), "pt") as f:
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
+            where.update(dict.fromkeys(f.keys(), file))
     h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
+    for name in sorted(where):
+        with safe_open(str(where[name]), "pt") as f:
+            t = f.get_tensor(name).contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:24]
 
 

@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import llmprune
-from llmprune import pipeline
+from llmprune import importance
 from llmprune.adapters import get_adapter
 from llmprune.export.hf import exportable_model
 from llmprune.plan import PruningPlan, make_plan, resolve_targets
+from llmprune.stages import calibration
 
 TINY = {"hidden_size": 48, "ffn_hidden_size": 80, "num_attention_heads": 6, "num_query_groups": 2, "num_layers": 4}
 TINY_PARAMS = {"llama": 83376, "qwen3": 83440}  # the tiny_config() models; checked against the real count below
@@ -164,7 +165,7 @@ def llmprune_log():
 def calls(monkeypatch):
     """Counts calibration passes (activation scores) and depth-removal passes (with their arguments)."""
     seen = {"activation": 0, "removal": []}
-    activation, removal = pipeline.activation_scores, pipeline.removal_scores
+    activation, removal = importance.activation_scores, calibration.removal_scores
 
     def counted_activation(*args, **kwargs):
         seen["activation"] += 1
@@ -174,8 +175,8 @@ def calls(monkeypatch):
         seen["removal"].append({k: kwargs.get(k) for k in ("drop_one", "block_sizes")})
         return removal(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "activation_scores", counted_activation)
-    monkeypatch.setattr(pipeline, "removal_scores", counted_removal)
+    monkeypatch.setattr(importance, "activation_scores", counted_activation)
+    monkeypatch.setattr(calibration, "removal_scores", counted_removal)
     return seen
 
 
@@ -274,7 +275,7 @@ def test_published_targets_fit_real_architecture(recipe):
     scores[f"depth.contiguous.{cfg.prune.depth.metric}.n{drop}"] = torch.rand(dims["num_layers"] - drop + 1,
                                                                               generator=g)
     plan = make_plan(adapter.family, scores, dims, targets, cfg.prune.depth.method, cfg.prune.depth.metric)
-    adapter.apply(plan)
+    model = adapter.apply(plan)
     assert n_params(model) == analytic
     to_save, written = exportable_model(model, adapter, cfg.export.architecture)
     assert written.startswith(architecture), written

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 NO_DISTILL = ("distill.max_steps=0", "prune.depth.num_samples=2", "prune.export_config.ffn_hidden_size=null")
 CASES = {  # family -> (tiny model overrides, targets)
-    "llama": ({"tie_word_embeddings": True}, ["prune.export_config.hidden_size=40",
+    "llama": ({"tie_word_embeddings": True}, ["export.max_shard_size=20KB", "prune.export_config.hidden_size=40",
                                                "prune.export_config.ffn_hidden_size=48",
                                                "prune.export_config.num_attention_heads=4",
                                                "prune.export_config.num_layers=3"]),

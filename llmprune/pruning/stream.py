@@ -1,19 +1,19 @@
 """Pruning a safetensors checkpoint one tensor at a time: read a tensor from the source shards, slice it by the
-family's pruning map, add it to the output shard being filled, write that shard when it reaches the shard size.
+family's pruning map and append it to the output shard, whose header was written beforehand from the pruned shapes.
 
-Peak memory is one source tensor plus one output shard, whatever the checkpoint's size. The result is the same
+Peak memory is one source tensor and its slice, whatever the checkpoint's size. The result is the same
 bits as pruning the loaded model (`apply.apply_plan`) and saving it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import math
+import struct
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from llmprune.config import ConfigError
 
@@ -62,7 +62,6 @@ class Checkpoint:
         else:
             raise ConfigError(f"{self.folder} holds no model.safetensors or model.safetensors.index.json; streaming "
                               "needs a safetensors checkpoint (set model.streaming=false for other formats).")
-        self._open: dict[str, object] = {}
         self.stored = {_rename(name, self.renames): name for name in self.files}  # module name -> stored name
 
     def names(self) -> list[str]:
@@ -74,18 +73,17 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum((self.folder / f).stat().st_size for f in set(self.files.values()))
 
-    def _handle(self, file: str):
-        if file not in self._open:
-            self._open[file] = safe_open(str(self.folder / file), "pt")
-        return self._open[file]
-
     def get(self, name: str) -> torch.Tensor:
+        """One tensor, copied out of its shard. The shard is opened for this call only: a mapping kept open would
+        keep every page read so far resident."""
         stored = self.stored[name]
-        return self._handle(self.files[stored]).get_tensor(stored)
+        with safe_open(str(self.folder / self.files[stored]), "pt") as f:
+            return f.get_tensor(stored)
 
     def shape(self, name: str) -> tuple[int, ...]:
         stored = self.stored[name]
-        return tuple(self._handle(self.files[stored]).get_slice(stored).get_shape())
+        with safe_open(str(self.folder / self.files[stored]), "pt") as f:
+            return tuple(f.get_slice(stored).get_shape())
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: self.shape(name) for name in self.stored}
@@ -94,23 +92,6 @@ class Checkpoint:
         """Layer `layer`'s tensors by their name inside the layer (the prefix stripped)."""
         prefix = pmap.layers.format(i=layer)
         return {name[len(prefix):]: self.get(name) for name in self.stored if name.startswith(prefix)}
-
-    def close(self) -> None:
-        self._open.clear()
-
-
-def _shards(tensors: Iterator[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
-    shard: dict[str, torch.Tensor] = {}
-    size = 0
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and size + nbytes > max_bytes:
-            yield shard
-            shard, size = {}, 0
-        shard[name] = tensor.contiguous()
-        size += nbytes
-    if shard:
-        yield shard
 
 
 def parse_size(size: str | int) -> int:
@@ -125,10 +106,44 @@ def parse_size(size: str | int) -> int:
     return int(text)
 
 
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _stored_dtype(source: Checkpoint, name: str) -> torch.dtype:
+    stored = source.stored[name]
+    with safe_open(str(source.folder / source.files[stored]), "pt") as f:
+        code = f.get_slice(stored).get_dtype()
+    return {v: k for k, v in SAFETENSORS_DTYPES.items()}[code]
+
+
+def _write_safetensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], tensors) -> None:
+    """A safetensors file whose header is written first from `specs` (name, dtype, shape) and whose tensors then
+    come one at a time from the iterator `tensors` (same order), so one tensor is in memory at a time."""
+    header, offset = {}, 0
+    for name, dtype, shape in specs:
+        size = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for (name, dtype, shape), tensor in zip(specs, tensors, strict=True):
+            assert tensor.dtype == dtype and tuple(tensor.shape) == tuple(shape), (name, tensor.dtype, tensor.shape)
+            f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+
+
 @torch.no_grad()
 def write_pruned_shards(source: Checkpoint, pmap, plan, out_dir: Path, max_shard_size: str | int = "2GB",
                         dtype: torch.dtype | None = None, skip: tuple[str, ...] = ()) -> dict:
     """Prune every tensor of `source` into safetensors shards in `out_dir` (HF names and index file).
+
+    The pruned shapes are known beforehand (pmap.shapes_at), so each shard's header is written first and its
+    tensors are read, sliced and written one at a time: peak memory is one source tensor and its slice.
 
     Args:
         dtype: cast floating tensors to this dtype after slicing (None keeps the stored dtype).
@@ -137,34 +152,41 @@ def write_pruned_shards(source: Checkpoint, pmap, plan, out_dir: Path, max_shard
     Returns:
         {"tensors": count, "bytes": total bytes written, "shards": count}.
     """
-    def pruned() -> Iterator[tuple[str, torch.Tensor]]:
-        for name in source.names():
-            if name in skip:
-                continue
-            out = pmap.prune_tensor(name, source.get(name), plan)
-            if out is not None:
-                new_name, tensor = out
-                if dtype is not None and tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                yield source.stored_name(new_name), tensor
+    names = [n for n in source.names() if n not in skip]
+    shapes = pmap.shapes_at({n: source.shape(n) for n in names}, plan.original, plan.target, plan.kept_layers)
+    specs, limit = [], parse_size(max_shard_size)
+    for name in names:
+        if name not in shapes:  # a removed layer
+            continue
+        stored = _stored_dtype(source, name)
+        out_dtype = dtype if dtype is not None and stored.is_floating_point else stored
+        new_name = pmap.renamed(name, pmap.rule_for(name)[1], plan.kept_layers)
+        specs.append((name, source.stored_name(new_name), out_dtype, shapes[name]))
+    shards: list[list] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = math.prod(spec[3]) * torch.tensor([], dtype=spec[2]).element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
 
-    weight_map, total, files = {}, 0, []
-    for k, shard in enumerate(_shards(pruned(), parse_size(max_shard_size))):
-        file = f"model-{k + 1:05d}.safetensors"
-        save_file(shard, str(out_dir / file), metadata={"format": "pt"})
-        files.append(file)
-        for name, tensor in shard.items():
-            weight_map[name] = file
-            total += tensor.numel() * tensor.element_size()
-        del shard
-    if len(files) == 1:
-        (out_dir / files[0]).rename(out_dir / "model.safetensors")
-        weight_map = dict.fromkeys(weight_map, "model.safetensors")
-    else:
-        names = {f: f.replace(".safetensors", f"-of-{len(files):05d}.safetensors") for f in files}
-        for old, new in names.items():
-            (out_dir / old).rename(out_dir / new)
-        weight_map = {n: names[f] for n, f in weight_map.items()}
+    def pruned(shard):
+        for name, _, out_dtype, _ in shard:
+            tensor = pmap.prune_tensor(name, source.get(name), plan)[1]
+            yield tensor.to(out_dtype)
+
+    count = len(shards)
+    files = ["model.safetensors"] if count == 1 else [f"model-{k + 1:05d}-of-{count:05d}.safetensors"
+                                                      for k in range(count)]
+    weight_map, total = {}, 0
+    for file, shard in zip(files, shards):
+        _write_safetensors(out_dir / file, [(new, dt, shape) for _, new, dt, shape in shard], pruned(shard))
+        for _, new, dt, shape in shard:
+            weight_map[new] = file
+            total += math.prod(shape) * torch.tensor([], dtype=dt).element_size()
+    if count > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return {"tensors": len(weight_map), "bytes": total, "shards": len(files)}
+    return {"tensors": len(weight_map), "bytes": total, "shards": count}
