@@ -1,13 +1,13 @@
 """Streaming prune of checkpoints larger than memory: peak resident memory against checkpoint size.
 
-Builds llama-like checkpoints of random bf16 weights (hidden 4096, FFN 11008, 32 heads in 8 KV groups, vocab 32000;
-the layer count sets the size), written shard by shard so the builder never holds the model, then runs
-`python -m llmprune` with model.streaming=true to a width + depth target (calibration, Block Importance, export,
-held-out evaluation) in a child process and records its peak RSS and wall time. A stock transformers reload of
-pruned/ runs in another child process (forward pass on a probe, parameter count). Where the in-memory path fits
-(--in-memory-max-gb), it runs too and its pruned/ must hash the same.
+Builds llama-like checkpoints of random float32 weights (this CPU has no fast bf16 matmul; hidden 4096, FFN 11008,
+32 heads in 8 KV groups, vocab 32000; the layer count sets the size), written shard by shard so the builder never
+holds the model, then runs `python -m llmprune` with model.streaming=true to a width + depth target (calibration,
+Block Importance, export, held-out evaluation) in a child process and records its peak RSS and wall time. A stock
+transformers reload of pruned/ runs in another child process (forward pass on a probe, parameter count). Where the
+in-memory path fits (--in-memory-max-gb), it runs too and its pruned/ must hash the same.
 
-    python bench/streaming_memory.py --layers 10 22
+    python bench/streaming_memory.py --layers 11 22 --in-memory-max-gb 9
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from regression_cases import weights_hash  # noqa: E402
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
              vocab_size=32000)
 TARGET = ["prune.export_config.hidden_size=3072", "prune.export_config.ffn_hidden_size=8192"]
-RUN = ["model.dtype=bfloat16", "distill.max_steps=0", "data.num_samples=8", "data.seq_len=128", "data.batch_size=4",
+RUN = ["model.dtype=float32", "distill.max_steps=0", "data.num_samples=8", "data.seq_len=128", "data.batch_size=4",
        "data.eval_samples=4", "prune.depth.method=block_importance"]
 
 
@@ -41,22 +41,22 @@ def build_checkpoint(folder: Path, layers: int, tokenizer_from: Path) -> int:
 
     folder.mkdir(parents=True, exist_ok=True)
     config = LlamaConfig(**SHAPE, num_hidden_layers=layers, tie_word_embeddings=False, max_position_embeddings=4096,
-                         bos_token_id=1, eos_token_id=2, dtype="bfloat16")
+                         bos_token_id=1, eos_token_id=2, dtype="float32")
     config.save_pretrained(folder)
     h, f, q, kv, v = (SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["num_attention_heads"] * 128,
                       SHAPE["num_key_value_heads"] * 128, SHAPE["vocab_size"])
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape, std=0.02):
-        return (torch.randn(*shape, generator=gen) * std).to(torch.bfloat16)
+        return (torch.randn(*shape, generator=gen) * std).to(torch.float32)
 
     shards = {"model-outer.safetensors": {"model.embed_tokens.weight": rand(v, h), "lm_head.weight": rand(v, h),
-                                          "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}}
+                                          "model.norm.weight": torch.ones(h, dtype=torch.float32)}}
     for i in range(layers):
         p = f"model.layers.{i}."
         shards[f"model-layer{i:03d}.safetensors"] = {
-            p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-            p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+            p + "input_layernorm.weight": torch.ones(h, dtype=torch.float32),
+            p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.float32),
             p + "self_attn.q_proj.weight": rand(q, h), p + "self_attn.k_proj.weight": rand(kv, h),
             p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, q),
             p + "mlp.gate_proj.weight": rand(f, h), p + "mlp.up_proj.weight": rand(f, h),
@@ -89,7 +89,7 @@ def child(argv: list[str]) -> dict:
 RELOAD = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM
-m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).eval()
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
 with torch.no_grad():
     logits = m(torch.arange(2, 34)[None]).logits
 print(json.dumps({"class": type(m).__name__, "params": sum(p.numel() for p in m.parameters()),
@@ -107,7 +107,7 @@ def tiny_tokenizer(folder: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, nargs="+", default=[10, 22], help="checkpoint sizes, in layers")
+    parser.add_argument("--layers", type=int, nargs="+", default=[11, 22], help="checkpoint sizes, in layers")
     parser.add_argument("--in-memory-max-gb", type=float, default=5.0,
                         help="also run the in-memory path for checkpoints up to this size")
     parser.add_argument("--workdir", default=None, help="where to build checkpoints (default: a temporary dir)")
@@ -148,7 +148,7 @@ def main() -> None:
                          f"{st['report']['eval']['pruned']['perplexity']:.0f}",
                          f"{reload['peak_rss'] / 1e9:.2f}"])
             shutil.rmtree(src)  # the disk holds one checkpoint at a time
-    md = ("Streaming prune (model.streaming=true) of random llama checkpoints, bf16, hidden 4096 -> 3072, FFN 11008 "
+    md = ("Streaming prune (model.streaming=true) of random llama checkpoints, float32, hidden 4096 -> 3072, FFN 11008 "
           "-> 8192, depth -20% by Block Importance, 8 calibration samples of 128 tokens\n\n"
           + md_table(["layers", "checkpoint GB", "streaming peak RSS GB", "peak / checkpoint", "streaming s",
                       "in-memory peak RSS GB", "in-memory s", "same weights", "params", "held-out ppl teacher/pruned "

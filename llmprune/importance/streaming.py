@@ -1,8 +1,9 @@
 """Calibration of checkpoints larger than memory, one layer at a time (model.streaming).
 
-The model is built with its parameters on the meta device; embeddings, final norm and LM head are loaded from the
-safetensors shards. One pass with every layer replaced by a recorder embeds every batch and records the keyword
-arguments the backbone hands each layer (masks, rotary embeddings). Then, for each layer in turn: load its tensors,
+The model is built with its parameters on the meta device; every tensor stays in the safetensors shards until it is
+needed (embeddings to start the batches, a layer to run them, final norm and LM head to end them). One pass with
+every layer replaced by a recorder embeds every batch and records the keyword arguments the backbone hands each
+layer (masks, rotary embeddings). Then, for each layer in turn: load its tensors,
 run every batch through it (the importance hooks fire as in a whole-model pass), keep its outputs as the next layer's
 inputs, free it. Every Minitron signal is layer-local, so the scores are those of the in-memory pass, bit for bit:
 each site sees the same inputs and sums its batches in the same order.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -29,6 +31,12 @@ from llmprune.progress import progress
 from llmprune.pruning.stream import Checkpoint, key_renames
 
 
+def _free(module: nn.Module, name: str) -> None:
+    p = module._parameters.get(name)
+    if p is not None:
+        module._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+
+
 def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     if dtype is None:
         return tensors
@@ -39,7 +47,7 @@ class LayerStream:
     """A model whose layers live in a safetensors checkpoint until they are needed.
 
     Attributes:
-        model: the Hugging Face model, parameters on meta except embeddings, final norm and LM head.
+        model: the Hugging Face model, its parameters on meta except while `resident` / `load_layer` hold them.
         adapter: its family adapter (hook sites, pruning map, head).
         checkpoint: the source shards.
     """
@@ -58,11 +66,37 @@ class LayerStream:
         self.adapter = get_adapter(self.model)
         self.pmap = self.adapter.pruning_map()
         self.dtype = dtype
-        outside = {n: self.checkpoint.get(n) for n in self.checkpoint.names() if self.pmap.layer_of(n) is None}
-        missing, unexpected = self.model.load_state_dict(_cast(outside, dtype), assign=True, strict=False)
-        assert not unexpected, f"checkpoint tensors the model does not have: {unexpected}"
-        if getattr(config, "tie_word_embeddings", False):
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        outside = [n for n in self.checkpoint.names() if self.pmap.layer_of(n) is None]
+        unknown = set(outside) - set(self.model.state_dict())
+        assert not unknown, f"checkpoint tensors the model does not have: {sorted(unknown)}"
+
+        def owned_by(module: nn.Module) -> list[str]:
+            prefix = next(n for n, m in self.model.named_modules() if m is module) + "."
+            return [n for n in outside if n.startswith(prefix)]
+
+        self.embedding_names = owned_by(self.model.get_input_embeddings())
+        self.head_names = self.embedding_names if self.tied else owned_by(self.model.get_output_embeddings())
+        small = [n for n in outside if n not in self.embedding_names + self.head_names]  # the final norm
+        self.model.load_state_dict(_cast({n: self.checkpoint.get(n) for n in small}, dtype), assign=True, strict=False)
+
+    @contextmanager
+    def resident(self, names: list[str]):
+        """Load the tensors `names` (outside the layers) for the duration of the block, then free them again: the
+        embeddings are needed to start the batches, the head only to end them."""
+        self.model.load_state_dict(_cast({n: self.checkpoint.get(n) for n in names}, self.dtype), assign=True,
+                                   strict=False)
+        if self.tied:
             self.model.tie_weights()
+        try:
+            yield
+        finally:
+            owners = dict(self.model.named_modules())
+            for name in names:
+                owner, _, attr = name.rpartition(".")
+                _free(owners[owner], attr)
+            if self.tied:
+                self.model.tie_weights()
 
     @property
     def num_layers(self) -> int:
@@ -76,9 +110,8 @@ class LayerStream:
 
     def free_layer(self, i: int) -> None:
         for module in self.adapter.layers[i].modules():
-            for name, p in module._parameters.items():
-                if p is not None:
-                    module._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+            for name in list(module._parameters):
+                _free(module, name)
 
     @torch.no_grad()
     def layer_inputs(self, batches: Sequence[Batch]) -> tuple[list[torch.Tensor], list[list[dict]]]:
@@ -99,9 +132,11 @@ class LayerStream:
         for i, layer in enumerate(layers):
             layer.forward = recorder(i)
         try:
-            for batch in batches:
-                kwargs.append([])
-                self.adapter.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            with self.resident(self.embedding_names):
+                for batch in batches:
+                    kwargs.append([])
+                    self.adapter.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                          use_cache=False)
         finally:
             for layer in layers:
                 del layer.forward
@@ -157,8 +192,9 @@ def streaming_scores(stream: LayerStream, batches: Sequence[Batch], depth_batche
     scores = adapter.derive_scores(stats.finalize())
     scores["block_importance"] = bi_totals / tokens
     if candidates:
-        scores.update(_removal_scores(adapter, depth_batches, depth_hidden, forks, candidates, n, metric, drop_one,
-                                      block_sizes))
+        with stream.resident(stream.head_names):
+            scores.update(_removal_scores(adapter, depth_batches, depth_hidden, forks, candidates, n, metric, drop_one,
+                                          block_sizes))
     return scores
 
 
@@ -210,15 +246,18 @@ def streaming_evaluate(model: LayerStream, batches: Sequence[Batch], hidden: lis
     """evaluate()'s numbers (loss, perplexity, KL to the teacher) from streamed last-layer outputs `hidden`
     (`streaming_hidden`); `teacher` = (its stream, its outputs). One batch of logits lives at a time."""
     nll = kl = count = 0.0
-    for b, batch in enumerate(batches):
-        ids, mask = batch.input_ids, batch.attention_mask
-        valid = torch.ones_like(ids[:, 1:], dtype=torch.float32) if mask is None else mask[:, 1:].float()
-        logprobs = _logprobs(model, hidden[b])
-        nll += float((-logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1) * valid).sum())
-        count += float(valid.sum())
-        if teacher is not None:
-            t = _logprobs(teacher[0], teacher[1][b])
-            kl += float(((t.exp() * (t - logprobs)).sum(-1) * valid).sum())
+    with ExitStack() as heads:
+        for stream in (model, teacher[0]) if teacher else (model,):
+            heads.enter_context(stream.resident(stream.head_names))
+        for b, batch in enumerate(batches):
+            ids, mask = batch.input_ids, batch.attention_mask
+            valid = torch.ones_like(ids[:, 1:], dtype=torch.float32) if mask is None else mask[:, 1:].float()
+            logprobs = _logprobs(model, hidden[b])
+            nll += float((-logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1) * valid).sum())
+            count += float(valid.sum())
+            if teacher is not None:
+                t = _logprobs(teacher[0], teacher[1][b])
+                kl += float(((t.exp() * (t - logprobs)).sum(-1) * valid).sum())
     loss = nll / count
     result = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count)}
     if teacher is not None:
