@@ -5,15 +5,14 @@ from __future__ import annotations
 import torch
 
 from llmprune.adapters import get_adapter
-from llmprune.config import ConfigError
 from llmprune.data import as_batches, to_batches
-from llmprune.importance.activation import activation_scores
-from llmprune.importance.baselines import baseline_scores
+from llmprune.errors import ConfigError
+from llmprune.importance import MODES, unit_scores
 from llmprune.importance.depth import removal_scores
 from llmprune.plan import TARGET_KEYS, PruningPlan, make_plan, resolve_targets
 
 
-def compute_scores(model, calib_data, tokenizer=None, *, export_config: dict | None = None,
+def compute_scores(model, calib_data, tokenizer=None, *, export_config: dict | None = None, mode: str = "minitron",
                    importance: str = "activation", depth_method: str = "drop_one", depth_metric: str = "lm_loss",
                    depth_samples: int = 6, seq_len: int = 256, batch_size: int = 4,
                    seed: int = 0) -> dict[str, torch.Tensor]:
@@ -23,10 +22,7 @@ def compute_scores(model, calib_data, tokenizer=None, *, export_config: dict | N
     """
     adapter = get_adapter(model)
     batches = as_batches(calib_data, tokenizer, seq_len, batch_size)
-    if importance == "activation":
-        scores = activation_scores(model, adapter, batches, total=len(batches))
-    else:
-        scores = baseline_scores(importance, model, adapter, batches, seed)
+    scores = unit_scores(mode, importance, model, adapter, batches, seed)
     dims = adapter.dims()
     target = resolve_targets(dims, {k: v for k, v in (export_config or {}).items() if v is not None}, prefix="",
                              family=adapter.family)
@@ -64,8 +60,8 @@ def prune(model, mode: str = "minitron", export_config: dict | None = None, cali
         (the pruned model, a new module: `model` is left as it was; the PruningPlan). `plan.to_json()` is what
         the CLI writes as plan.json.
     """
-    if mode != "minitron":
-        raise ConfigError(f"Unknown mode '{mode}'. Known: minitron.")
+    if mode not in MODES:
+        raise ConfigError(f"Unknown mode '{mode}'. Known: {', '.join(MODES)}.")
     if not export_config:
         raise ConfigError("export_config is empty: pass targets such as {'hidden_size': 448}. Known keys: "
                           f"{', '.join(TARGET_KEYS)}.")
@@ -74,7 +70,8 @@ def prune(model, mode: str = "minitron", export_config: dict | None = None, cali
     if scores is None:
         if calib_data is None:
             raise ConfigError("prune() needs calib_data (or scores from compute_scores).")
-        scores = compute_scores(model, calib_data, tokenizer, export_config=export_config, importance=importance,
+        scores = compute_scores(model, calib_data, tokenizer, export_config=export_config, mode=mode,
+                                importance=importance,
                                 depth_method=depth_method, depth_metric=depth_metric, depth_samples=depth_samples,
                                 seq_len=seq_len, batch_size=batch_size, seed=seed)
     plan = make_plan(adapter.family, scores, adapter.dims(), export_config, depth_method, depth_metric, rescale_norms,

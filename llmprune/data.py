@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from llmprune.config import ConfigError
+from llmprune.errors import ConfigError
 from llmprune.progress import log
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from llmprune.config import ConfigError
+from llmprune.errors import ConfigError
 
 # Models shipped inside PyPI packages, so the default recipe and the real-model tests run offline.
 EMBEDDED_MODELS = {

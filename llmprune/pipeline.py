@@ -25,8 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from llmprune import data as text
 from llmprune.adapters import get_adapter
 from llmprune.backends.megatron.convert import check_convertible
-from llmprune.config import ConfigError
 from llmprune.distributed import barrier, is_rank_zero, rank, world_size
+from llmprune.errors import ConfigError
 from llmprune.evaluate import evaluate
 from llmprune.export.hf import check_exportable, push_to_hub
 from llmprune.importance.activation import summarize

@@ -7,7 +7,7 @@ from torch import nn
 from llmprune.adapters.llama import LlamaAdapter
 from llmprune.adapters.mamba2 import Mamba2Adapter
 from llmprune.adapters.nemotron_h import NemotronHAdapter
-from llmprune.config import ConfigError
+from llmprune.errors import ConfigError
 
 ADAPTERS = (LlamaAdapter, NemotronHAdapter, Mamba2Adapter)
 SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)

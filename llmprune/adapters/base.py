@@ -8,6 +8,7 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
+from llmprune.adapters.heads import CausalLMHead
 from llmprune.plan.cost import CostModel, parameter_shapes
 from llmprune.pruning.apply import apply_plan
 from llmprune.pruning.map import PruningMap
@@ -37,19 +38,24 @@ class Adapter(Protocol):
         layers: the decoder blocks, in order (depth scoring and Block Importance hook them).
         layer_types: (hybrids only, optional) each layer's type, e.g. NemotronH's layers_block_type; make_plan
             records the removed layers' types from it.
+        head: the part on top of the layers (final norm, LM head, next-token loss); see heads.py.
+        config: the Hugging Face config the model is (or exports as); rewrite_config edits a copy of it.
     """
 
     family: str
     model_types: tuple[str, ...]
     backbone: nn.Module
     layers: nn.ModuleList
+    config: object
 
     def dims(self) -> dict[str, int]:
         """Current sizes by ModelOpt name (hidden_size, ffn_hidden_size, ..., num_layers): only the dimensions this
         family can prune (a Mamba2 model has no ffn_hidden_size), plus fixed sizes such as vocab_size."""
 
+    head: CausalLMHead
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head applied to the last block's output."""
+        """The head applied to the last block's output."""
 
     def importance_sites(self) -> list[Site]:
         """The activations Minitron scores."""
@@ -64,8 +70,14 @@ class Adapter(Protocol):
     def pruning_map(self) -> PruningMap:
         """Which kept-index list slices which axis of every parameter (see pruning/map.py)."""
 
+    def cost_model(self) -> CostModel:
+        """Parameters, FLOPs and memory at any target, from the pruning map (see plan/cost.py)."""
+
     def count_params(self, shape: dict[str, int] | None = None, kept_layers: list[int] | None = None) -> int:
         """Exact parameter count of this model at `shape`; hybrids need `kept_layers` when num_layers shrinks."""
+
+    def check_plan(self, plan) -> None:
+        """Family-specific checks (or warnings) before a plan is applied."""
 
     def apply(self, plan) -> nn.Module:
         """The model pruned to `plan` (a new module); the adapter then describes the new model."""
@@ -109,6 +121,9 @@ class HFAdapter:
 
     def check_plan(self, plan) -> None:
         """Family-specific checks before pruning (none by default)."""
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head.logits(hidden)
 
     def apply(self, plan) -> nn.Module:
         self.check_plan(plan)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from llmprune.adapters.base import HFAdapter, Site, derive_attention_and_hidden_scores
+from llmprune.adapters.heads import CausalLMHead
 from llmprune.pruning.map import PruningMap, Rule
 
 
@@ -86,9 +87,9 @@ class LlamaAdapter(HFAdapter):
             "vocab_size": c.vocab_size,
         }
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head applied to the last layer's output."""
-        return self.model.lm_head(self.model.model.norm(hidden))
+    @property
+    def head(self) -> CausalLMHead:
+        return CausalLMHead(self.model.model.norm, self.model.lm_head)
 
     def importance_sites(self) -> list[Site]:
         """Where Minitron reads activations (DESIGN.md: inputs of down_proj / o_proj, the norms' outputs)."""

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from llmprune.adapters.base import HFAdapter, Site, derive_attention_and_hidden_scores
+from llmprune.adapters.heads import CausalLMHead
 from llmprune.adapters.mamba_mixer import (
     derive_mamba_scores,
     mixer_rules,
@@ -85,9 +86,9 @@ class Mamba2Adapter(HFAdapter):
         return {"hidden_size": c.hidden_size, "num_layers": c.num_hidden_layers, "mamba_num_heads": c.num_heads,
                 "mamba_head_dim": c.head_dim, "mamba_num_groups": c.n_groups, "vocab_size": c.vocab_size}
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.model.lm_head  # residual_in_fp32 hands float32 states to a bf16 head; cast like the model does
-        return head(self.model.backbone.norm_f(hidden).to(head.weight.dtype))
+    @property
+    def head(self) -> CausalLMHead:
+        return CausalLMHead(self.model.backbone.norm_f, self.model.lm_head)
 
     def importance_sites(self) -> list[Site]:
         """The x part of every in_proj output (Mamba heads and head dim) and every block norm's output (hidden)."""

@@ -18,13 +18,14 @@ import torch
 from torch import nn
 
 from llmprune.adapters.base import HFAdapter, Site, derive_attention_and_hidden_scores
+from llmprune.adapters.heads import CausalLMHead
 from llmprune.adapters.mamba_mixer import (
     derive_mamba_scores,
     mixer_rules,
     prunable_weights,
     x_channels,
 )
-from llmprune.config import ConfigError
+from llmprune.errors import ConfigError
 from llmprune.pruning.map import PruningMap, Rule
 
 MAMBA, ATTENTION, MLP = "linear_attention", "full_attention", "mlp"  # transformers' layers_block_type names
@@ -100,8 +101,9 @@ class NemotronHAdapter(HFAdapter):
                 "mamba_head_dim": c.mamba_head_dim, "head_dim": c.head_dim, "mamba_num_groups": c.n_groups,
                 "vocab_size": c.vocab_size}
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.model.norm_f(hidden))
+    @property
+    def head(self) -> CausalLMHead:
+        return CausalLMHead(self.model.model.norm_f, self.model.lm_head)
 
     def importance_sites(self) -> list[Site]:
         """Per layer type: the x part of in_proj's output (Mamba), o_proj's input (attention), down_proj's input

@@ -18,28 +18,12 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
+from llmprune.adapters.heads import CausalLMHead
 from llmprune.data import Batch
 from llmprune.distributed import Stages, all_reduce_sum, layer_stages
 from llmprune.progress import progress
 
-
-def token_losses(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None, metric: str,
-                  teacher: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """Summed next-token loss (lm_loss) or summed KL(teacher || model) over real tokens, float32 scalar.
-
-    `logits` (B, S-1, V) are the predictions at positions 0 .. S-2; `teacher` is (log-probs, probs) of the same
-    shape. The loss runs on a contiguous (B * (S-1), V) view: cross_entropy over a transposed (B, V, S-1) tensor
-    takes about 3x longer on CPU, and with ~50 candidates per batch the loss is a visible part of the search.
-    """
-    batch, steps, vocab = logits.shape
-    logits = logits.float()
-    valid = torch.ones_like(input_ids[:, 1:], dtype=torch.float32) if mask is None else mask[:, 1:].float()
-    if metric == "lm_loss":
-        nll = F.cross_entropy(logits.reshape(-1, vocab), input_ids[:, 1:].reshape(-1), reduction="none")
-        return (nll.view(batch, steps) * valid).sum()
-    teacher_logprobs, teacher_probs = teacher
-    kl = (teacher_probs * (teacher_logprobs - F.log_softmax(logits, dim=-1))).sum(-1)  # (B, S-1)
-    return (kl * valid).sum()
+token_losses = CausalLMHead.token_losses  # the head's next-token loss (or KL), summed over real tokens
 
 
 def _resume(layers: dict, recorded: dict, start: int, stop: int, stages: Stages) -> torch.Tensor | None:

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmprune.adapters.heads import CausalLMHead
 from llmprune.data import Batch
 from llmprune.importance.activation import ActivationScores, _hook_block_importance, _hook_sites
-from llmprune.importance.depth import token_losses
 from llmprune.progress import progress
 from llmprune.pruning.stream import Checkpoint, key_renames
 
@@ -210,10 +210,10 @@ def _removal_scores(adapter, batches, base, forks, candidates, n, metric, drop_o
         if metric == "kl":
             logprobs = F.log_softmax(base_logits.float(), dim=-1)
             teacher = (logprobs, logprobs.exp())
-        base_sum += token_losses(base_logits, ids, mask, metric, teacher)
+        base_sum += CausalLMHead.token_losses(base_logits, ids, mask, metric, teacher)
         tokens += ids[:, 1:].numel() if mask is None else mask[:, 1:].sum()
         for c in range(len(candidates)):
-            sums[c] += token_losses(adapter.logits(forks[c][b][:, :-1]), ids, mask, metric, teacher)
+            sums[c] += CausalLMHead.token_losses(adapter.logits(forks[c][b][:, :-1]), ids, mask, metric, teacher)
     increase = (sums - base_sum) / tokens
     out, offset = {}, 0
     if drop_one:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from llmprune.config import ConfigError
+from llmprune.errors import ConfigError
 
 TARGET_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers",
                "mamba_num_heads", "mamba_head_dim")

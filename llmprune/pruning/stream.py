@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from llmprune.config import ConfigError
+from llmprune.errors import ConfigError
 
 
 def key_renames(model) -> list[tuple[str, str]]:

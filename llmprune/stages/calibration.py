@@ -80,7 +80,7 @@ def calibrate(prune: DictConfig, batch_size: int, seed: int, model, adapter, cal
     index, count = data_shard(adapter)  # torchrun: each model replica scores its share; sums are all-reduced
     if "hidden" not in scores:
         batches = text.to_batches(calib[index::count], batch_size)
-        scores = unit_scores(prune.importance, model, adapter, batches, seed)
+        scores = unit_scores(prune.mode, prune.importance, model, adapter, batches, seed)
     drop_one, blocks = missing_depth(scores, needs, prune.depth.metric)
     if drop_one or blocks:
         depth_batches = text.to_batches(calib[: prune.depth.num_samples][index::count], batch_size)

@@ -40,7 +40,7 @@ from llmprune.backends.megatron.parallel import (
     init_model_parallel,
     stage_sizes,
 )
-from llmprune.config import ConfigError
+from llmprune.errors import ConfigError
 from llmprune.plan import PruningPlan
 from llmprune.pruning.apply import eps_scale
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from llmprune.backends.megatron.parallel import Parallel, gather_stages, gather_tp, require_megatron, stage_sizes
-from llmprune.config import ConfigError
+from llmprune.errors import ConfigError
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from llmprune.config import ConfigError
 from llmprune.distributed import Stages
+from llmprune.errors import ConfigError
 
 INSTALL_HINT = 'pip install "llmprune[megatron]" (or pip install megatron-core)'
 

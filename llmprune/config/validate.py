@@ -1,0 +1,101 @@
+"""Checks of values the schema's types cannot express; every problem is listed in one error with its key and fix."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from llmprune.config.schema import CHOICES
+from llmprune.errors import ConfigError
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check values that the schema's types cannot; raise one ConfigError listing every problem."""
+    problems = []
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            problems.append(f"{key}={value!r} is not one of: {', '.join(choices)}.")
+    for key, value in cfg.prune.export_config.items():
+        if value is not None and value < 1:
+            problems.append(f"prune.export_config.{key}={value} must be a positive integer (or null to keep it).")
+    positive = ("data.seq_len", "data.num_samples", "data.eval_samples", "data.batch_size", "prune.depth.num_samples")
+    for key in positive:
+        if OmegaConf.select(cfg, key) < 1:
+            problems.append(f"{key}={OmegaConf.select(cfg, key)} must be at least 1.")
+    if not 0 < cfg.data.eval_fraction < 1:
+        problems.append(f"data.eval_fraction={cfg.data.eval_fraction} must lie strictly between 0 and 1.")
+    if cfg.data.source == "files" and not cfg.data.paths:
+        problems.append("data.source=files needs data.paths=[a.txt,b.jsonl].")
+    for path in cfg.data.paths if cfg.data.source == "files" else ():
+        if not os.path.exists(path):
+            problems.append(f"data.paths: '{path}' does not exist.")
+    if cfg.data.source == "hf" and not cfg.data.dataset:
+        problems.append("data.source=hf needs data.dataset=<datasets name>.")
+    if cfg.distill.max_steps < 0:
+        problems.append(f"distill.max_steps={cfg.distill.max_steps} must be 0 or more.")
+    d = cfg.distill
+    for key in ("micro_batch_size", "global_batch_size", "eval_every", "save_every", "keep_checkpoints"):
+        if d[key] < 1:
+            problems.append(f"distill.{key}={d[key]} must be at least 1.")
+    if d.global_batch_size % max(d.micro_batch_size, 1):
+        problems.append(f"distill.global_batch_size={d.global_batch_size} must be a multiple of "
+                        f"distill.micro_batch_size={d.micro_batch_size}.")
+    weights = ("kl_weight", "reverse_kl_weight", "topk_weight", "hidden_weight", "lm_weight")
+    if d.max_steps > 0 and not any(d[w] for w in weights):
+        problems.append(f"distill: every loss weight is 0; set one of {', '.join('distill.' + w for w in weights)}.")
+    if d.topk_weight and d.topk < 1:
+        problems.append(f"distill.topk_weight={d.topk_weight} needs distill.topk=<k> (e.g. 64).")
+    if d.lr <= 0 or d.temperature <= 0:
+        problems.append("distill.lr and distill.temperature must be positive.")
+    if d.teacher_correction_steps < 0:
+        problems.append(f"distill.teacher_correction_steps={d.teacher_correction_steps} must be 0 or more.")
+    if cfg.export.push_to_hub and not cfg.export.repo_id:
+        problems.append("export.push_to_hub=true needs export.repo_id=<user or org>/<name>.")
+    if not str(cfg.output_dir).strip():
+        problems.append("output_dir is empty; set output_dir=<path>.")
+    if cfg.backend == "megatron":
+        problems += _megatron_problems(cfg)
+    if cfg.model.streaming not in ("auto", True, False):
+        problems.append(f"model.streaming={cfg.model.streaming!r} is not one of: auto, true, false.")
+    elif cfg.model.streaming is True:
+        from llmprune.models import streaming_blockers
+
+        problems += [f"model.streaming=true prunes without loading the model, but {b}." for b in
+                     streaming_blockers(cfg)]
+    if not 0 < cfg.model.streaming_memory_fraction <= 1:
+        problems.append(f"model.streaming_memory_fraction={cfg.model.streaming_memory_fraction} must lie in (0, 1].")
+    if problems:
+        raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+MEGATRON_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _megatron_problems(cfg: DictConfig) -> list[str]:
+    """backend=megatron: llama-like models (known here from a local config.json), activation scores, TP/PP >= 1."""
+    problems = []
+    for key in ("tensor_parallel_size", "pipeline_parallel_size"):
+        if cfg.megatron[key] < 1:
+            problems.append(f"megatron.{key}={cfg.megatron[key]} must be at least 1.")
+    if cfg.prune.importance != "activation":
+        problems.append(f"prune.importance={cfg.prune.importance} needs backend=hf; backend=megatron computes "
+                        "activation (Minitron) scores only.")
+    mamba = [k for k in ("mamba_num_heads", "mamba_head_dim") if cfg.prune.export_config[k] is not None]
+    if mamba:
+        problems.append(f"prune.export_config.{mamba[0]} is a Mamba target; backend=megatron prunes llama-like GPT "
+                        f"models ({', '.join(MEGATRON_FAMILIES)}). Use backend=hf.")
+    config_json = Path(str(cfg.model.path)).expanduser() / "config.json"
+    if config_json.is_file():
+        model_config = json.loads(config_json.read_text())
+        model_type, layers = model_config.get("model_type"), model_config.get("num_hidden_layers")
+        if model_type not in MEGATRON_FAMILIES:
+            problems.append(f"backend=megatron converts llama-like models ({', '.join(MEGATRON_FAMILIES)}); "
+                            f"model.path={cfg.model.path} is a '{model_type}' model. Use backend=hf.")
+        elif layers is not None and layers < cfg.megatron.pipeline_parallel_size:
+            problems.append(f"megatron.pipeline_parallel_size={cfg.megatron.pipeline_parallel_size} exceeds the "
+                            f"model's {layers} layers (each pipeline stage holds at least one); lower it.")
+    return problems
