@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import pytest
 import torch
@@ -150,3 +151,22 @@ def smollm2_loaded(smollm2_path):
     from llmprune.models import load_model
 
     return load_model("embedded:smollm2", device="cpu")
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def llmprune_log():
+    """The messages the llmprune logger emits during a test."""
+    handler = _Lines()
+    logger = logging.getLogger("llmprune")
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)

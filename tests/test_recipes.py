@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
 
 import pytest
@@ -141,24 +140,6 @@ def test_recipe_runs_end_to_end_on_tiny_model(recipe, tiny_model_dirs, tmp_path)
     generated = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False,
                                pad_token_id=tokenizer.pad_token_id)
     assert generated.shape == (1, ids.shape[1] + 4)
-
-
-class _Lines(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def llmprune_log():
-    handler = _Lines()
-    logger = logging.getLogger("llmprune")
-    logger.addHandler(handler)
-    yield handler.lines
-    logger.removeHandler(handler)
 
 
 @pytest.fixture

@@ -113,7 +113,13 @@ def removal_scores(model, adapter, batches: Iterable[Batch], metric: str = "lm_l
             handle.remove()
         model.train(was_training)
     sums, base_sum, tokens = (stages.sum(all_reduce_sum(t, group)) for t in (sums, base_sum, tokens))
-    increase = ((sums - base_sum) / tokens).cpu()
+    return named_removal_scores(((sums - base_sum) / tokens).cpu(), num_layers, metric, drop_one, block_sizes)
+
+
+def named_removal_scores(increase: torch.Tensor, num_layers: int, metric: str, drop_one: bool,
+                         block_sizes: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Split the per-candidate loss increase (drop-one candidates first, then each block size's starts) into the
+    named score vectors."""
     out, offset = {}, 0
     if drop_one:
         out[f"depth.drop_one.{metric}"] = increase[:num_layers]

@@ -27,6 +27,7 @@ from torch import nn
 from llmprune.adapters.heads import CausalLMHead
 from llmprune.data import Batch
 from llmprune.importance.activation import ActivationScores, _hook_block_importance, _hook_sites
+from llmprune.importance.depth import named_removal_scores
 from llmprune.progress import progress
 from llmprune.pruning.stream import Checkpoint, key_renames
 
@@ -214,15 +215,7 @@ def _removal_scores(adapter, batches, base, forks, candidates, n, metric, drop_o
         tokens += ids[:, 1:].numel() if mask is None else mask[:, 1:].sum()
         for c in range(len(candidates)):
             sums[c] += CausalLMHead.token_losses(adapter.logits(forks[c][b][:, :-1]), ids, mask, metric, teacher)
-    increase = (sums - base_sum) / tokens
-    out, offset = {}, 0
-    if drop_one:
-        out[f"depth.drop_one.{metric}"] = increase[:n]
-        offset = n
-    for k in block_sizes:
-        out[f"depth.contiguous.{metric}.n{k}"] = increase[offset: offset + n - k + 1]
-        offset += n - k + 1
-    return out
+    return named_removal_scores((sums - base_sum) / tokens, n, metric, drop_one, block_sizes)
 
 
 @torch.no_grad()
