@@ -290,7 +290,3 @@ def run_streaming(cfg: DictConfig, source, run_dir: Path, t: Timings) -> dict:
     report["timings_s"] = dict(t)
     write_report(run_dir, report)
     return report
-
-
-def load_plan(run_dir: str | Path) -> PruningPlan:
-    return PruningPlan.from_json((Path(run_dir) / "plan.json").read_text())

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from llmprune.data import Batch
-from llmprune.distributed import all_reduce_sum, is_rank_zero, layer_stages
+from llmprune.distributed import all_reduce_sum, layer_stages
 from llmprune.progress import progress
 
 
@@ -143,10 +143,3 @@ def summarize(scores: dict[str, torch.Tensor]) -> dict[str, dict]:
         out[family] = {"vectors": len(values), "min": round(float(flat.min()), 6),
                        "mean": round(float(flat.mean()), 6), "max": round(float(flat.max()), 6)}
     return out
-
-
-def log_block_importance(scores: dict[str, torch.Tensor]) -> str:
-    bi = scores.get("block_importance")
-    if bi is None or not is_rank_zero():
-        return ""
-    return "block importance: " + " ".join(f"{v:.3f}" for v in bi.tolist())
