@@ -119,7 +119,8 @@ def _stored_dtype(source: Checkpoint, name: str) -> torch.dtype:
 
 def _write_safetensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], tensors) -> None:
     """A safetensors file whose header is written first from `specs` (name, dtype, shape) and whose tensors then
-    come one at a time from the iterator `tensors` (same order), so one tensor is in memory at a time."""
+    come one at a time from the iterator `tensors` (same order), so one tensor is in memory at a time. Source
+    tensors are mappings of their shard: the pages a slice reads count as resident until it is dropped."""
     header, offset = {}, 0
     for name, dtype, shape in specs:
         size = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
@@ -132,9 +133,11 @@ def _write_safetensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for (name, dtype, shape), tensor in zip(specs, tensors, strict=True):
+        for name, dtype, shape in specs:
+            tensor = next(tensors)
             assert tensor.dtype == dtype and tuple(tensor.shape) == tuple(shape), (name, tensor.dtype, tensor.shape)
             f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+            del tensor  # before the next one is read: never two at once
 
 
 @torch.no_grad()
@@ -174,8 +177,9 @@ def write_pruned_shards(source: Checkpoint, pmap, plan, out_dir: Path, max_shard
 
     def pruned(shard):
         for name, _, out_dtype, _ in shard:
-            tensor = pmap.prune_tensor(name, source.get(name), plan)[1]
-            yield tensor.to(out_dtype)
+            tensor = pmap.prune_tensor(name, source.get(name), plan)[1].to(out_dtype)
+            yield tensor
+            del tensor  # the writer is done with it
 
     count = len(shards)
     files = ["model.safetensors"] if count == 1 else [f"model-{k + 1:05d}-of-{count:05d}.safetensors"
