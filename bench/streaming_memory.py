@@ -50,23 +50,26 @@ def build_checkpoint(folder: Path, layers: int, tokenizer_from: Path) -> int:
     def rand(*shape, std=0.02):
         return (torch.randn(*shape, generator=gen) * std).to(torch.float32)
 
-    shards = {"model-outer.safetensors": {"model.embed_tokens.weight": rand(v, h), "lm_head.weight": rand(v, h),
-                                          "model.norm.weight": torch.ones(h, dtype=torch.float32)}}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shards[f"model-layer{i:03d}.safetensors"] = {
-            p + "input_layernorm.weight": torch.ones(h, dtype=torch.float32),
-            p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.float32),
-            p + "self_attn.q_proj.weight": rand(q, h), p + "self_attn.k_proj.weight": rand(kv, h),
-            p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, q),
-            p + "mlp.gate_proj.weight": rand(f, h), p + "mlp.up_proj.weight": rand(f, h),
-            p + "mlp.down_proj.weight": rand(h, f)}
+    def shards():  # one shard's tensors at a time
+        yield "model-outer.safetensors", {"model.embed_tokens.weight": rand(v, h), "lm_head.weight": rand(v, h),
+                                          "model.norm.weight": torch.ones(h, dtype=torch.float32)}
+        for i in range(layers):
+            p = f"model.layers.{i}."
+            yield f"model-layer{i:03d}.safetensors", {
+                p + "input_layernorm.weight": torch.ones(h, dtype=torch.float32),
+                p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.float32),
+                p + "self_attn.q_proj.weight": rand(q, h), p + "self_attn.k_proj.weight": rand(kv, h),
+                p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, q),
+                p + "mlp.gate_proj.weight": rand(f, h), p + "mlp.up_proj.weight": rand(f, h),
+                p + "mlp.down_proj.weight": rand(h, f)}
+
     weight_map, total = {}, 0
-    for file, tensors in shards.items():  # one shard in memory at a time
+    for file, tensors in shards():
         save_file(tensors, str(folder / file), metadata={"format": "pt"})
         for name, t in tensors.items():
             weight_map[name] = file
             total += t.numel() * t.element_size()
+        del tensors
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                      "weight_map": weight_map}))
     for name in ("tokenizer.json", "tokenizer_config.json"):
