@@ -73,39 +73,17 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum((self.folder / f).stat().st_size for f in set(self.files.values()))
 
-    def _header(self, file: str) -> tuple[dict, int]:
-        """(safetensors header, byte offset of its data) of one shard, read once."""
-        cache = self.__dict__.setdefault("_headers", {})
-        if file not in cache:
-            with open(self.folder / file, "rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                cache[file] = json.loads(f.read(length)), 8 + length
-        return cache[file]
-
-    def _entry(self, name: str) -> tuple[str, dict, int]:
-        stored = self.stored[name]
-        file = self.files[stored]
-        header, start = self._header(file)
-        return file, header[stored], start
-
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, read into fresh memory with plain file reads. safetensors' loader maps the shard, and the
-        mapped pages a tensor was read from stay resident while anything holds the mapping (file-backed pages
-        were half of the streaming peak: bench/streaming_memory.py)."""
-        file, entry, start = self._entry(name)
-        begin, end = entry["data_offsets"]
-        dtype = {v: k for k, v in SAFETENSORS_DTYPES.items()}[entry["dtype"]]
-        tensor = torch.empty(entry["shape"], dtype=dtype)
-        with open(self.folder / file, "rb", buffering=0) as f:
-            f.seek(start + begin)
-            view = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
-            done = 0
-            while done < end - begin:  # readinto may return less than asked for
-                done += f.readinto(view[done:])
-        return tensor
+        """One tensor, copied out of its shard. The shard is opened for this call only: a mapping kept open would
+        keep every page read so far resident."""
+        stored = self.stored[name]
+        with safe_open(str(self.folder / self.files[stored]), "pt") as f:
+            return f.get_tensor(stored)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._entry(name)[1]["shape"])
+        stored = self.stored[name]
+        with safe_open(str(self.folder / self.files[stored]), "pt") as f:
+            return tuple(f.get_slice(stored).get_shape())
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: self.shape(name) for name in self.stored}
@@ -133,7 +111,10 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16
 
 
 def _stored_dtype(source: Checkpoint, name: str) -> torch.dtype:
-    return {v: k for k, v in SAFETENSORS_DTYPES.items()}[source._entry(name)[1]["dtype"]]
+    stored = source.stored[name]
+    with safe_open(str(source.folder / source.files[stored]), "pt") as f:
+        code = f.get_slice(stored).get_dtype()
+    return {v: k for k, v in SAFETENSORS_DTYPES.items()}[code]
 
 
 def _write_safetensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], tensors) -> None:
