@@ -40,6 +40,11 @@ class CostModel:
         tied: the LM head shares the input embedding (count it once).
         layer_types: per layer, its type (hybrids); layers of other types hold other parameters.
         extra: family constants the FLOPs and cache formulas need: ssm_state_size, conv_kernel, chunk_size.
+        aliases: further parameter names that share another parameter's tensor (BERT's MLM decoder bias), counted
+            once.
+
+    Every method takes `per_layer`: sizes of single layers that differ from `target` (original layer index ->
+    {"num_attention_heads": 7, "ffn_hidden_size": 900}), as GradNAS keeps its own heads and width per layer.
     """
 
     pmap: object
@@ -48,6 +53,7 @@ class CostModel:
     tied: bool = False
     layer_types: list[str] | None = None
     extra: dict | None = None
+    aliases: tuple[str, ...] = ()
 
     def _kept(self, target: dict[str, int], kept_layers: list[int] | None) -> list[int]:
         n, keep = self.dims["num_layers"], target.get("num_layers", self.dims["num_layers"])
@@ -65,36 +71,51 @@ class CostModel:
         return tuple(sorted((name[len(prefix):], shape) for name, shape in self.shapes.items()
                             if name.startswith(prefix)))
 
-    def pruned_shapes(self, target: dict[str, int] | None = None, kept_layers: list[int] | None = None) -> dict:
+    def pruned_shapes(self, target: dict[str, int] | None = None, kept_layers: list[int] | None = None,
+                      per_layer: dict | None = None) -> dict:
         """Parameter shapes at `target` (missing keys keep the original sizes), tied aliases left out."""
         target = {**self.dims, **(target or {})}
-        shapes = self.pmap.shapes_at(self.shapes, self.dims, target, self._kept(target, kept_layers))
+        shapes = self.pmap.shapes_at(self.shapes, self.dims, target, self._kept(target, kept_layers), per_layer)
         if self.tied and self.pmap.tied:
             shapes.pop(self.pmap.tied[0], None)
+        for name in self.aliases:
+            shapes.pop(name, None)
         return shapes
 
-    def params(self, target: dict[str, int] | None = None, kept_layers: list[int] | None = None) -> int:
+    def params(self, target: dict[str, int] | None = None, kept_layers: list[int] | None = None,
+               per_layer: dict | None = None) -> int:
         """Exact parameter count at `target`."""
-        return sum(math.prod(s) for s in self.pruned_shapes(target, kept_layers).values())
+        return sum(math.prod(s) for s in self.pruned_shapes(target, kept_layers, per_layer).values())
+
+    def _layers_with(self, kind: str, kept: list[int]) -> list[int | None]:
+        """The kept layers that hold a mixer of `kind` ("attention" or "ssm")."""
+        out = []
+        for name in self.shapes:
+            rule, layer = self.pmap.rule_for(name)
+            if rule.kind == kind and (layer is None or layer in kept):
+                out.append(layer)
+        return out
 
     def _mixers(self, target: dict[str, int], kept: list[int]) -> dict[str, int]:
         """How many kept layers hold an attention / an SSM mixer."""
-        count = {"attention": 0, "ssm": 0}
-        for name in self.shapes:
-            rule, layer = self.pmap.rule_for(name)
-            if rule.kind and (layer is None or layer in kept):
-                count[rule.kind] += 1
-        return count
+        return {kind: len(self._layers_with(kind, kept)) for kind in ("attention", "ssm")}
 
-    def flops(self, seq_len: int, target: dict[str, int] | None = None, kept_layers: list[int] | None = None) -> int:
+    def flops(self, seq_len: int, target: dict[str, int] | None = None, kept_layers: list[int] | None = None,
+              per_layer: dict | None = None) -> int:
         """Forward FLOPs of one sequence of `seq_len` tokens (logits at every position) at `target`."""
         t = {**self.dims, **(target or {})}
         kept = self._kept(t, kept_layers)
-        shapes = self.pmap.shapes_at(self.shapes, self.dims, t, kept)  # tied head included: it is a matmul
-        total = 2 * seq_len * sum(math.prod(shapes[name]) for name in shapes if self.pmap.rule_for(name)[0].matmul)
+        shapes = self.pmap.shapes_at(self.shapes, self.dims, t, kept, per_layer)  # tied head included: a matmul
+        total = 0
+        for name, shape in shapes.items():
+            matmul = self.pmap.rule_for(name)[0].matmul
+            if matmul:  # "first": a pooler, on the first token only
+                total += 2 * (1 if matmul == "first" else seq_len) * math.prod(shape)
+        per_layer = per_layer or {}
+        for layer in self._layers_with("attention", kept):
+            heads = per_layer.get(layer, {}).get("num_attention_heads", t["num_attention_heads"])
+            total += 4 * seq_len**2 * heads * t["head_dim"]
         mixers = self._mixers(t, kept)
-        if mixers["attention"]:
-            total += mixers["attention"] * 4 * seq_len**2 * t["num_attention_heads"] * t["head_dim"]
         if mixers["ssm"]:
             total += mixers["ssm"] * (self._conv_flops(t, seq_len) + self._scan_flops(t, seq_len))
         return total
@@ -113,19 +134,21 @@ class CostModel:
         return 2 * c * q * q * h * (n + p) + 4 * c * q * h * p * n + 2 * (c + 1) ** 2 * h * p * n
 
     def memory(self, target: dict[str, int] | None = None, kept_layers: list[int] | None = None,
-               dtype: str = "bfloat16", batch_size: int = 1, seq_len: int = 4096) -> dict[str, int]:
+               dtype: str = "bfloat16", batch_size: int = 1, seq_len: int = 4096,
+               per_layer: dict | None = None) -> dict[str, int]:
         """Bytes for inference at `target`: weights, KV cache (K and V per attention layer for every token) and SSM
         state (conv window and scan state per Mamba layer, as transformers' cache holds them)."""
         t = {**self.dims, **(target or {})}
         kept = self._kept(t, kept_layers)
         width = DTYPE_BYTES[dtype]
         mixers = self._mixers(t, kept)
-        kv = ssm = 0
-        if mixers["attention"]:
-            kv = mixers["attention"] * 2 * t["num_query_groups"] * t["head_dim"] * seq_len * batch_size * width
+        ssm = 0
+        kv_heads = sum((per_layer or {}).get(layer, {}).get("num_query_groups", t.get("num_query_groups", 0))
+                       for layer in self._layers_with("attention", kept))
+        kv = 2 * kv_heads * t.get("head_dim", 0) * seq_len * batch_size * width
         if mixers["ssm"]:
-            per_layer = (self._conv_dim(t) * self.extra["conv_kernel"]
-                         + t["mamba_num_heads"] * t["mamba_head_dim"] * self.extra["ssm_state_size"])
-            ssm = mixers["ssm"] * per_layer * batch_size * width
-        weights = self.params(t, kept) * width
+            state = (self._conv_dim(t) * self.extra["conv_kernel"]
+                     + t["mamba_num_heads"] * t["mamba_head_dim"] * self.extra["ssm_state_size"])
+            ssm = mixers["ssm"] * state * batch_size * width
+        weights = self.params(t, kept, per_layer) * width
         return {"weights": weights, "kv_cache": kv, "ssm_state": ssm, "total": weights + kv + ssm}

@@ -39,7 +39,8 @@ class Rule:
             Trailing axes that are not listed are kept whole (e.g. a conv kernel).
         scale: "hidden" for RMSNorm weights over the hidden width and "gated" for Mamba's grouped gated norm: with
             `plan.rescale_norms` the kept weights are multiplied by sqrt(old width / new width) (see `norm_factor`).
-        matmul: the weight of a linear layer (forward FLOPs: 2 per weight element per token).
+        matmul: the weight of a linear layer (forward FLOPs: 2 per weight element per token); "first" for one that
+            runs on the first token only (BERT's pooler).
         kind: "attention" or "ssm" on one parameter of every attention / Mamba mixer (the cost model counts
             attention scores, KV cache, the Mamba scan and its state once per layer that holds it).
     """
@@ -47,7 +48,7 @@ class Rule:
     pattern: str
     axes: tuple[Axis, ...]
     scale: str | None = None
-    matmul: bool = False
+    matmul: bool | str = False
     kind: str | None = None
 
     @cached_property
@@ -107,17 +108,22 @@ class PruningMap:
         return new_name, tensor
 
     def shapes_at(self, shapes: dict[str, tuple[int, ...]], original: dict[str, int], target: dict[str, int],
-                  kept_layers: list[int] | None = None) -> dict[str, tuple[int, ...]]:
+                  kept_layers: list[int] | None = None,
+                  per_layer: dict[int, dict[str, int]] | None = None) -> dict[str, tuple[int, ...]]:
         """Pruned shapes of the parameters `shapes` (name -> original shape) at sizes `target`, keeping
-        `kept_layers` (original indices; default: the first target["num_layers"]). Names as they are now."""
+        `kept_layers` (original indices; default: the first target["num_layers"]). `per_layer` overrides sizes of
+        single layers (original index -> e.g. {"ffn_hidden_size": 900, "num_attention_heads": 7}: GradNAS keeps
+        its own width per layer). Names as they are now."""
         kept = list(range(target.get("num_layers", original["num_layers"]))) if kept_layers is None else kept_layers
         old, new = space_sizes(original), space_sizes({**original, **target})
+        layer_sizes = {i: space_sizes({**original, **target, **sizes}) for i, sizes in (per_layer or {}).items()}
         out = {}
         for name, shape in shapes.items():
             rule, layer = self.rule_for(name)
             if layer is not None and layer not in kept:
                 continue
-            out[name] = tuple(axis_size(rule.axes[d] if d < len(rule.axes) else None, n, old, new)
+            sizes = layer_sizes.get(layer, new)
+            out[name] = tuple(axis_size(rule.axes[d] if d < len(rule.axes) else None, n, old, sizes)
                               for d, n in enumerate(shape))
         return out
 
