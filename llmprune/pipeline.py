@@ -151,6 +151,8 @@ def run(cfg: DictConfig) -> dict:
     t = Timings()
 
     source = resolve_source(cfg.model.path, cfg.model.gguf_file)
+    if cfg.prune.mode == "gradnas":
+        return run_gradnas(cfg, run_dir, t)
     if choose_streaming(cfg.model, source, cfg):
         return run_streaming(cfg, source, run_dir, t)
 
@@ -289,4 +291,106 @@ def run_streaming(cfg: DictConfig, source, run_dir: Path, t: Timings) -> dict:
 
     report["timings_s"] = dict(t)
     write_report(run_dir, report)
+    return report
+
+
+def run_gradnas(cfg: DictConfig, run_dir: Path, t: Timings) -> dict:
+    """prune.mode=gradnas: profile the per-layer search space against prune.constraints (stops before any gradient
+    when a bound cannot be met), score heads and neurons by gradients, choose per-layer widths, build the model with
+    its real per-layer shapes, evaluate, distill, and export a stock-loadable directory (+ ONNX for encoders)."""
+    from llmprune.distill import Student, distill_loss, train
+    from llmprune.export.encoder import physically_pruned
+    from llmprune.plan.gradnas import GradNASSpace, gradnas_plan
+    from llmprune.stages.gradnas import (
+        encoder_distill_loss,
+        evaluate_encoder,
+        export_gradnas,
+        is_encoder,
+        resolve_gradnas_loss,
+        score_stage,
+    )
+
+    g = cfg.prune.gradnas
+    with t.stage("load"):
+        teacher, tokenizer, source = load_model(cfg.model.path, cfg.model.gguf_file, cfg.model.dtype, cfg.model.device)
+        teacher.requires_grad_(False)
+        loss = resolve_gradnas_loss(g.loss, teacher)
+        adapter = get_adapter(teacher)
+        space = GradNASSpace(adapter.cost_model(), adapter.dims(), g.seq_len or cfg.data.seq_len, g.head_step,
+                             g.neuron_step)
+        profile = space.profile(OmegaConf.to_container(cfg.prune.constraints))
+        if is_rank_zero():
+            profile.print()
+        profile.check()
+        encoder = is_encoder(teacher)
+
+    with t.stage("data"):
+        splits = load_data(cfg.data, tokenizer, cfg.seed)
+
+    fingerprint = hashlib.sha256(json.dumps([calibration_fingerprint(cfg, source), loss]).encode()).hexdigest()[:16]
+    with t.stage("calibrate"):
+        scores = score_stage(g, loss, cfg.data.batch_size, cfg.seed, teacher, tokenizer, splits.calib,
+                             run_dir / "importance.safetensors", fingerprint)
+
+    with t.stage("plan"):
+        plan = gradnas_plan(adapter.family, space, scores, profile.bounds, g.rule)
+        plan.summary["gradnas"]["loss"] = loss
+        write_text_atomic(run_dir / "plan.json", plan.to_json())
+
+    with t.stage("prune"):
+        student = physically_pruned(teacher, plan.heads, plan.ffn)
+        effective = plan.summary["gradnas"]["effective"]
+        params = {"before": real_param_count(teacher), "after": real_param_count(student),
+                  "after_analytic": effective["params"]}
+        assert params["after"] == params["after_analytic"], params
+
+    def judge(model, reference=None) -> dict:
+        if encoder:
+            return evaluate_encoder(model, splits.heldout, tokenizer, cfg.data.batch_size, reference)
+        return evaluate(model, text.to_batches(splits.heldout, cfg.data.batch_size), teacher=reference)
+
+    evaluation = {}
+    if cfg.eval.enabled:
+        with t.stage("evaluate_pruned"):
+            evaluation = {"teacher": judge(teacher), "pruned": judge(student, teacher)}
+
+    report = base_report(cfg, source, adapter, plan, params, splits, evaluation, t)
+    report["importance"] = f"gradnas ({loss} loss, {g.rule} rule)"
+    report["gradnas"] = {**plan.summary["gradnas"], "profile": profile.markdown(),
+                         "flops": {"before": space.full()["flops"], "after": effective["flops"]}}
+    is_st = not source.gguf_file and (Path(source.location) / "modules.json").exists()
+    source_dir = source.location if is_st else None  # a sentence-transformers model keeps its pooling files
+    with t.stage("export_pruned"):
+        export_gradnas("pruned", teacher, student, adapter.pruning_map(), plan, tokenizer, source_dir, run_dir, report)
+
+    if cfg.distill.max_steps > 0:
+        d = cfg.distill
+        with t.stage("distill"):
+            student.requires_grad_(True)
+            if encoder:
+                module, compute = student, encoder_distill_loss(teacher, tokenizer, d.hidden_loss, d.hidden_weight)
+            else:
+                module, compute = Student(student), distill_loss(teacher, d, ())
+            distill_fingerprint = hashlib.sha256(json.dumps(
+                [fingerprint, plan.fingerprint(), OmegaConf.to_container(d)]).encode()).hexdigest()[:16]
+
+            def evaluate_fn(trained) -> dict:
+                result = judge(student, teacher)
+                if encoder:
+                    return {f"eval_{k}": v for k, v in result.items()}
+                return {"eval_perplexity": result["perplexity"], "eval_kl": result["kl_to_teacher"]}
+
+            history = train(module, splits.train, compute, d, run_dir, "distill", distill_fingerprint, evaluate_fn,
+                            seed=cfg.seed)
+            student.requires_grad_(False)
+        report["distill"] = distill_summary(history, d, t["distill"])
+        if cfg.eval.enabled:
+            evaluation["final"] = judge(student, teacher)
+        with t.stage("export_final"):
+            export_gradnas("final", teacher, student, adapter.pruning_map(), plan, tokenizer, source_dir, run_dir,
+                           report)
+
+    report["timings_s"] = dict(t)
+    if is_rank_zero():
+        write_report(run_dir, report)
     return report

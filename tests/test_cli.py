@@ -58,7 +58,7 @@ def test_unknown_recipe_lists_known_ones():
     assert "Unknown recipe 'qwen4_minitron'" in message
     for name in llmprune.list_recipes():
         assert name in message
-    with pytest.raises(ConfigError, match="Known: llama31_minitron_4b_depth"):
+    with pytest.raises(ConfigError, match="Known: bert_gradnas, gptj_gradnas, llama31_minitron_4b_depth"):
         llmprune.run("qwen4_minitron")
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from llmprune.adapters.encoder import BertAdapter, GPTJAdapter
 from llmprune.adapters.llama import LlamaAdapter
 from llmprune.adapters.mamba2 import Mamba2Adapter
 from llmprune.adapters.nemotron_h import NemotronHAdapter
 from llmprune.errors import ConfigError
 
-ADAPTERS = (LlamaAdapter, NemotronHAdapter, Mamba2Adapter)
+ADAPTERS = (LlamaAdapter, NemotronHAdapter, Mamba2Adapter, BertAdapter, GPTJAdapter)
 SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
 
 

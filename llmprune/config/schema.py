@@ -102,10 +102,43 @@ class DepthConfig:
 
 
 @dataclass
+class ConstraintsConfig:
+    """Budgets for prune.mode=gradnas (instead of export_config targets): absolute (3e7, "30M", "2.5G") or relative
+    to the unpruned model ("60%"). params: parameter count; flops: forward FLOPs of one sequence of
+    prune.gradnas.seq_len tokens. Both may be set."""
+
+    params: Any = None
+    flops: Any = None
+
+
+@dataclass
+class GradNASConfig:
+    """GradNAS (prune.mode=gradnas): gradient scores of every layer's attention heads and FFN neurons, per-layer
+    widths chosen to meet prune.constraints.
+
+    loss: auto | mlm | causal_lm | contrastive | task. auto: mlm for a masked-LM checkpoint, contrastive (in-batch,
+        first vs second half of each calibration window) for a bare encoder such as a sentence-transformers model,
+        causal_lm for a decoder.
+    rule: knapsack (Kwon et al. 2022: best kept score over global head / neuron counts) | threshold (ModelOpt:
+        one global sensitivity threshold, bisected). knapsack by default: it kept more of MiniLM-L6's retrieval
+        accuracy at 60% FLOPs (bench/gradnas_quality.py).
+    seq_len: the sequence length prune.constraints.flops counts at (null: data.seq_len).
+    head_step / neuron_step: per-layer counts move in these steps.
+    """
+
+    loss: str = "auto"
+    rule: str = "knapsack"
+    seq_len: int | None = None
+    head_step: int = 1
+    neuron_step: int = 1
+
+
+@dataclass
 class PruneConfig:
     """Pruning.
 
-    mode: minitron (activation importance).
+    mode: minitron (activation importance, export_config targets) | gradnas (gradient scores, per-layer widths
+        under prune.constraints; BERT-style encoders, GPT-J and llama-like decoders).
     importance: activation (Minitron) | magnitude | taylor | random; the last three are baselines for ablations.
     export_config: target sizes.
     depth: layer selection.
@@ -117,6 +150,8 @@ class PruneConfig:
     mode: str = "minitron"
     importance: str = "activation"
     export_config: TargetsConfig = field(default_factory=TargetsConfig)
+    constraints: ConstraintsConfig = field(default_factory=ConstraintsConfig)
+    gradnas: GradNASConfig = field(default_factory=GradNASConfig)
     depth: DepthConfig = field(default_factory=DepthConfig)
     rescale_norms: bool = True
 
@@ -257,7 +292,9 @@ CHOICES = {
     "megatron.transformer_impl": ("local", "transformer_engine", "auto"),
     "model.dtype": ("float32", "bfloat16", "float16", "auto"),
     "data.source": ("embedded", "files", "hf"),
-    "prune.mode": ("minitron",),
+    "prune.mode": ("minitron", "gradnas"),
+    "prune.gradnas.loss": ("auto", "mlm", "causal_lm", "contrastive", "task"),
+    "prune.gradnas.rule": ("knapsack", "threshold"),
     "prune.importance": ("activation", "magnitude", "taylor", "random"),
     "prune.depth.method": ("drop_one", "block_importance", "contiguous"),
     "prune.depth.metric": ("lm_loss", "kl"),
@@ -273,6 +310,7 @@ def describe_schema() -> str:
     sections = []
     for name, schema in (("(top level)", LLMPruneConfig), ("model", ModelConfig), ("data", DataConfig),
                          ("prune", PruneConfig), ("prune.export_config", TargetsConfig),
+                         ("prune.constraints", ConstraintsConfig), ("prune.gradnas", GradNASConfig),
                          ("prune.depth", DepthConfig), ("distill", DistillConfig), ("eval", EvalConfig),
                          ("export", ExportConfig), ("megatron", MegatronConfig)):
         defaults = OmegaConf.structured(schema)

@@ -59,6 +59,7 @@ def validate(cfg: DictConfig) -> None:
         problems.append("output_dir is empty; set output_dir=<path>.")
     if cfg.backend == "megatron":
         problems += _megatron_problems(cfg)
+    problems += _mode_problems(cfg)
     if cfg.model.streaming not in ("auto", True, False):
         problems.append(f"model.streaming={cfg.model.streaming!r} is not one of: auto, true, false.")
     elif cfg.model.streaming is True:
@@ -98,4 +99,32 @@ def _megatron_problems(cfg: DictConfig) -> list[str]:
         elif layers is not None and layers < cfg.megatron.pipeline_parallel_size:
             problems.append(f"megatron.pipeline_parallel_size={cfg.megatron.pipeline_parallel_size} exceeds the "
                             f"model's {layers} layers (each pipeline stage holds at least one); lower it.")
+    return problems
+
+
+def _mode_problems(cfg: DictConfig) -> list[str]:
+    """gradnas is driven by prune.constraints, minitron by prune.export_config: never both, never neither."""
+    p = cfg.prune
+    targets = [f"prune.export_config.{k}" for k, v in p.export_config.items() if v is not None]
+    constraints = [f"prune.constraints.{k}" for k, v in p.constraints.items() if v is not None]
+    if p.mode == "minitron":
+        return [f"{c} is a GradNAS budget; prune.mode=minitron takes prune.export_config targets (or set "
+                "prune.mode=gradnas)." for c in constraints]
+    problems = []
+    if targets:
+        problems.append(f"{', '.join(targets)} together with prune.mode=gradnas: GradNAS chooses per-layer widths "
+                        "from prune.constraints; remove the targets (set them to null).")
+    if not constraints:
+        problems.append('prune.mode=gradnas needs a budget: prune.constraints.flops="60%" or '
+                        "prune.constraints.params=3e7.")
+    if cfg.backend != "hf":
+        problems.append(f"prune.mode=gradnas runs on backend=hf (backend={cfg.backend}).")
+    if cfg.model.streaming is True:
+        problems.append("prune.mode=gradnas needs the model in memory (gradients); set model.streaming=false.")
+    g = p.gradnas
+    for key in ("head_step", "neuron_step"):
+        if g[key] < 1:
+            problems.append(f"prune.gradnas.{key}={g[key]} must be at least 1.")
+    if g.seq_len is not None and g.seq_len < 1:
+        problems.append(f"prune.gradnas.seq_len={g.seq_len} must be at least 1 (or null: data.seq_len).")
     return problems

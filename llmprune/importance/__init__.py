@@ -1,8 +1,8 @@
 """Importance methods: Minitron activations, depth by removal and Block Importance, and the baselines.
 
 `unit_scores` is the one place that picks the method for the width units: prune.mode names the pruning method
-(minitron: activation importance over forward passes), prune.importance the scorer within it (the Minitron
-activations, or a baseline for ablations).
+(minitron: activation importance over forward passes; gradnas: gradient scores of a loss, importance/gradnas.py),
+prune.importance the scorer within it (the Minitron activations, or a baseline for ablations).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from llmprune.errors import ConfigError
 from llmprune.importance.activation import activation_scores
 from llmprune.importance.baselines import baseline_scores
 
-MODES = {"minitron": ("activation", "magnitude", "taylor", "random")}  # mode -> its importance scorers
+# mode -> its importance scorers; gradnas scores by gradients of a loss (importance/gradnas.py: gradnas_scores)
+MODES = {"minitron": ("activation", "magnitude", "taylor", "random"), "gradnas": ("gradient",)}
 
 
 def unit_scores(mode: str, method: str, model, adapter, batches, seed: int = 0) -> dict[str, torch.Tensor]:
