@@ -16,7 +16,6 @@ Writes bench/results/distill_recovery.{md,json}; a later run merges its rows wit
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -39,9 +38,9 @@ TOKENS_PER_STEP = SEQ * BATCH
 
 
 def student_for(method: str, s) -> torch.nn.Module:
-    student = copy.deepcopy(s.model)
     importance = "activation" if method in ("minitron", "random_init") else method
-    prune(student, export_config=WIDTH_TARGET, calib_data=s.splits.calib, importance=importance, batch_size=BATCH)
+    student, _ = prune(s.model, export_config=WIDTH_TARGET, calib_data=s.splits.calib, importance=importance,
+                       batch_size=BATCH)  # a new model: s.model stays the teacher
     if method == "random_init":  # same architecture, weights drawn like transformers' llama initialisation
         torch.manual_seed(0)
         with torch.no_grad():

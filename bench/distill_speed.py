@@ -46,9 +46,8 @@ def distill_cfg(**changes) -> SimpleNamespace:
 
 
 def pruned_student(s, calib_samples: int = 32):
-    student = copy.deepcopy(s.model)
-    prune(student, export_config=WIDTH_TARGET, calib_data=s.splits.calib[:calib_samples], batch_size=4)
-    return student.requires_grad_(True)
+    student, _ = prune(s.model, export_config=WIDTH_TARGET, calib_data=s.splits.calib[:calib_samples], batch_size=4)
+    return student.requires_grad_(True)  # a new model: s.model stays the teacher
 
 
 def step_times(student, teacher, windows, steps: int, tmp: Path, micro: int = 4, global_batch: int = 4) -> list[float]:
