@@ -81,6 +81,12 @@ def test_bad_choices_are_listed_all_at_once():
     assert "prune.importance='l1' is not one of: activation, magnitude, taylor, random" in message
 
 
+def test_baseline_importance_with_block_importance_fails_before_any_work():
+    with pytest.raises(ConfigError, match="prune.depth.method=block_importance reads the activation pass"):
+        load_config("smollm2_minitron_depth", ["prune.importance=magnitude", "prune.depth.method=block_importance"])
+    load_config("smollm2_minitron_depth", ["prune.importance=magnitude", "prune.depth.method=drop_one"])
+
+
 def test_nonpositive_values_are_rejected():
     with pytest.raises(ConfigError) as err:
         load_config("smollm2_minitron", ["data.seq_len=0", "prune.export_config.hidden_size=0", "data.eval_fraction=1"])

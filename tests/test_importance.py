@@ -313,3 +313,23 @@ def test_taylor_is_first_order_loss_change_per_unit():
                                                                     ("down", mlp.down_proj))}
     expected = (wg["gate"].sum(1) + wg["up"].sum(1) + wg["down"].sum(0)).abs()
     assert torch.allclose(scores["ffn.1"], expected, rtol=1e-4, atol=1e-8)
+
+
+def test_taylor_works_on_a_frozen_model_and_ignores_padding():
+    """The pipeline freezes the teacher before calibration; padded positions must not reach the scores."""
+    model = tiny_model("llama").requires_grad_(False)
+    adapter = get_adapter(model)
+    ids = tiny_batch(2, 16)
+    frozen = taylor_scores(model, adapter, [Batch(ids)])
+    assert all(not p.requires_grad and p.grad is None for p in model.parameters())  # left as it was
+    assert frozen["ffn.1"].abs().sum() > 0
+
+    # row 1 is 10 real tokens then padding (left-aligned): its padded tail must change nothing
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    noisy = ids.clone()
+    noisy[1, 10:] = (noisy[1, 10:] + 7) % model.config.vocab_size
+    a = taylor_scores(model, adapter, [Batch(ids, mask)])
+    b = taylor_scores(model, adapter, [Batch(noisy, mask)])
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-9) for k in a)
+    assert not torch.allclose(a["ffn.1"], frozen["ffn.1"])

@@ -60,6 +60,11 @@ def validate(cfg: DictConfig) -> None:
     if cfg.backend == "megatron":
         problems += _megatron_problems(cfg)
     problems += _mode_problems(cfg)
+    if (cfg.prune.importance != "activation" and cfg.prune.depth.method == "block_importance"
+            and cfg.prune.export_config.num_layers is not None):
+        problems.append(f"prune.depth.method=block_importance reads the activation pass, which "
+                        f"prune.importance={cfg.prune.importance} does not run; use prune.depth.method=drop_one or "
+                        "contiguous with a baseline importance (or prune.importance=activation).")
     if cfg.model.streaming not in ("auto", True, False):
         problems.append(f"model.streaming={cfg.model.streaming!r} is not one of: auto, true, false.")
     elif cfg.model.streaming is True:
@@ -103,14 +108,26 @@ def _megatron_problems(cfg: DictConfig) -> list[str]:
 
 
 def _mode_problems(cfg: DictConfig) -> list[str]:
-    """gradnas is driven by prune.constraints, minitron by prune.export_config: never both, never neither."""
+    """gradnas is driven by prune.constraints; minitron by prune.export_config targets or, searching, by
+    prune.constraints: never both."""
     p = cfg.prune
     targets = [f"prune.export_config.{k}" for k, v in p.export_config.items() if v is not None]
     constraints = [f"prune.constraints.{k}" for k, v in p.constraints.items() if v is not None]
+    problems = _budget_syntax(p.constraints)
     if p.mode == "minitron":
-        return [f"{c} is a GradNAS budget; prune.mode=minitron takes prune.export_config targets (or set "
-                "prune.mode=gradnas)." for c in constraints]
-    problems = []
+        if constraints and targets:
+            problems.append(f"{', '.join(targets)} together with {', '.join(constraints)}: prune.mode=minitron either "
+                            "prunes to the targets or searches the architecture within the constraints; set one of "
+                            "them to null.")
+        if constraints and cfg.backend != "hf":
+            problems.append(f"the architecture search (prune.constraints with prune.mode=minitron) runs on backend=hf "
+                            f"(backend={cfg.backend}); give prune.export_config targets instead.")
+        if constraints and cfg.model.streaming is True:
+            problems.append("the architecture search scores pruned models in memory; set model.streaming=false or give "
+                            "prune.export_config targets.")
+        return problems + (_search_problems(cfg.search) if constraints else [])
+    problems += [f"prune.constraints.{k} is a budget of the Minitron search; prune.mode=gradnas takes params and "
+                 "flops." for k in ("memory", "latency") if p.constraints[k] is not None]
     if targets:
         problems.append(f"{', '.join(targets)} together with prune.mode=gradnas: GradNAS chooses per-layer widths "
                         "from prune.constraints; remove the targets (set them to null).")
@@ -127,4 +144,47 @@ def _mode_problems(cfg: DictConfig) -> list[str]:
             problems.append(f"prune.gradnas.{key}={g[key]} must be at least 1.")
     if g.seq_len is not None and g.seq_len < 1:
         problems.append(f"prune.gradnas.seq_len={g.seq_len} must be at least 1 (or null: data.seq_len).")
+    return problems
+
+
+def _budget_syntax(constraints: DictConfig) -> list[str]:
+    """Budgets that are no number or share (their size is checked against the model once it is loaded)."""
+    from llmprune.plan.constraints import parse_constraint
+
+    problems = []
+    for key, value in constraints.items():
+        if value is not None:
+            try:
+                parse_constraint(key, value, 1.0)
+            except ConfigError as err:
+                problems.append(str(err))
+    return problems
+
+
+def _search_problems(search: DictConfig) -> list[str]:
+    """The search group's counts, objectives and grids."""
+    from llmprune.search.pareto import OBJECTIVES
+
+    problems = [f"search.{k}={search[k]} must be at least 1." for k in
+                ("top_k", "batch_size", "latency_repeats", "generations") if search[k] < 1]
+    if not 0 <= search.finalists <= search.top_k:
+        problems.append(f"search.finalists={search.finalists} must lie in [0, search.top_k={search.top_k}].")
+    if search.finalists and search.distill_tokens < 1:
+        problems.append(f"search.distill_tokens={search.distill_tokens}: finalists are distilled before the final "
+                        "ranking; give a token budget (e.g. 16384) or set search.finalists=0.")
+    if search.seq_len is not None and search.seq_len < 1:
+        problems.append(f"search.seq_len={search.seq_len} must be at least 1 (or null: data.seq_len).")
+    if search.population < 2:
+        problems.append(f"search.population={search.population} must be at least 2.")
+    objectives = list(search.objectives)
+    unknown = [o for o in objectives if o not in OBJECTIVES]
+    if unknown or "kl" not in objectives or len(set(objectives)) != len(objectives):
+        problems.append(f"search.objectives={objectives} must list distinct objectives from {', '.join(OBJECTIVES)}, "
+                        "kl among them (e.g. [kl] or [kl, latency]).")
+    for key, value in search.divisors.items():
+        if value is not None and value < 1:
+            problems.append(f"search.divisors.{key}={value} must be at least 1 (or null: automatic).")
+    for key, value in search.lowest_fraction.items():
+        if not 0 < value <= 1:
+            problems.append(f"search.lowest_fraction.{key}={value} must lie in (0, 1] (1 keeps the dimension).")
     return problems

@@ -46,23 +46,40 @@ def magnitude_scores(adapter) -> dict[str, torch.Tensor]:
     return _scores_from(adapter, lambda m: m.weight.detach().float().square(), torch.sqrt)
 
 
+@torch.enable_grad()  # callers may hold no_grad
 def taylor_scores(model, adapter, batches) -> dict[str, torch.Tensor]:
+    """Taylor scores from the next-token loss over real tokens (padding masked out of the loss and the attention).
+
+    Only the scored weights take gradients, and only for the duration: the pipeline's teacher is frozen
+    (requires_grad False), and a frozen model's loss would have no graph to differentiate.
+    """
     groups = adapter.prunable_weights()
+    weights = list({id(m.weight): m.weight for owners in groups.values() for m, _ in owners}.values())
+    flags = [w.requires_grad for w in weights]
     totals: dict[str, torch.Tensor] = {}
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    for batch in progress(batches, desc="taylor"):
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        for batch in progress(batches, desc="taylor"):
+            model.zero_grad(set_to_none=True)
+            ids = batch.input_ids.to(device)
+            mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, S-1)
+            valid = torch.ones_like(nll) if mask is None else mask[:, 1:].float()
+            ((nll * valid).sum() / valid.sum().clamp_min(1)).backward()
+            with torch.no_grad():
+                for name, owners in groups.items():
+                    unit = sum(_unit_reduce(m, side, m.weight.float() * m.weight.grad.float()) for m, side in owners)
+                    totals[name] = totals.get(name, 0) + unit.abs()  # |first-order loss change| per unit and batch
+    finally:
         model.zero_grad(set_to_none=True)
-        ids = batch.input_ids.to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        F.cross_entropy(logits.transpose(1, 2), ids[:, 1:]).backward()
-        with torch.no_grad():
-            for name, owners in groups.items():
-                unit = sum(_unit_reduce(m, side, m.weight.float() * m.weight.grad.float()) for m, side in owners)
-                totals[name] = totals.get(name, 0) + unit.abs()  # |first-order loss change| per unit and batch
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
+        for w, flag in zip(weights, flags, strict=True):
+            w.requires_grad_(flag)
+        model.train(was_training)
     raw = {name: all_reduce_sum(value).cpu() for name, value in totals.items()}
     hidden = raw.pop("hidden")
     scores = adapter.derive_scores(raw)
