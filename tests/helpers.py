@@ -11,6 +11,23 @@ def real_param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
 
 
+def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5) -> None:
+    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
+    diff = (actual - expected).abs().max().item()
+    assert diff <= atol, f"max abs diff {diff:.3g} > {atol}"
+
+
+def plan_for(adapter, scores: dict, targets: dict, **kwargs):
+    """make_plan for this adapter's model (hybrids: with its layer types)."""
+    return make_plan(adapter.family, scores, adapter.dims(), targets, layer_types=getattr(adapter, "layer_types", None),
+                     **kwargs)
+
+
 def random_unit_scores(adapter, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random unit scores for every dimension the adapter's family has (and random depth scores)."""
     d = adapter.dims()

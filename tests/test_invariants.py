@@ -12,21 +12,16 @@ import copy
 import pytest
 import torch
 from conftest import tiny_batch, tiny_model
+from helpers import assert_close, logits_of, plan_for, real_param_count
 
 from llmprune.adapters import get_adapter
 from llmprune.data import Batch
 from llmprune.importance.activation import activation_scores
-from llmprune.plan import make_plan
 
 HIDDEN_NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits
 
 
 def random_scores(adapter, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -39,20 +34,6 @@ def random_scores(adapter, seed: int = 0) -> dict[str, torch.Tensor]:
         scores[f"heads.{i}"] = 1 + torch.rand(d["num_attention_heads"], generator=gen)
     scores["depth.drop_one.lm_loss"] = 1 + torch.rand(d["num_layers"], generator=gen)
     return scores
-
-
-def plan_for(adapter, scores, targets, **kwargs):
-    return make_plan(adapter.family, scores, adapter.dims(), targets, **kwargs)
-
-
-def real_param_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5) -> None:
-    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
-    diff = (actual - expected).abs().max().item()
-    assert diff <= atol, f"max abs diff {diff:.3g} > {atol}"
 
 
 # -- pruning nothing --------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import copy
 import pytest
 import torch
 from conftest import tiny_batch, tiny_model, tiny_ssm_model
+from helpers import assert_close, logits_of, plan_for, real_param_count
 from transformers import AutoModelForCausalLM
 
 from llmprune.adapters import get_adapter
@@ -28,7 +29,7 @@ from llmprune.data import Batch
 from llmprune.export.hf import check_exportable, exportable_model, save_hf, verify_export
 from llmprune.importance.activation import activation_scores
 from llmprune.importance.baselines import baseline_scores
-from llmprune.plan import TARGET_KEYS, PlanError, make_plan, resolve_targets
+from llmprune.plan import TARGET_KEYS, PlanError, resolve_targets
 
 HEADS, HEAD_DIM, GROUPS, STATE, INNER = 12, 8, 2, 8, 96  # tiny_ssm_config: 6 heads per group
 
@@ -53,17 +54,6 @@ def mixers(model) -> dict[int, torch.nn.Module]:
     return {i: layer.mixer for i, layer in enumerate(blocks(model)) if hasattr(layer.mixer, "A_log")}
 
 
-def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5) -> None:
-    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
-    diff = (actual - expected).abs().max().item()
-    assert diff <= atol, f"max abs diff {diff:.3g} > {atol}"
-
-
 def hand_scores(adapter, seed: int = 0) -> dict[str, torch.Tensor]:
     """Scores in 1 .. 2 for every unit the model has (so a zeroed unit is the unique minimum)."""
     gen = torch.Generator().manual_seed(seed)
@@ -79,11 +69,6 @@ def hand_scores(adapter, seed: int = 0) -> dict[str, torch.Tensor]:
         elif kind == "full_attention":
             scores[f"heads.{i}"] = 1 + torch.rand(d["num_attention_heads"], generator=gen)
     return scores
-
-
-def plan_for(adapter, scores, targets, **kwargs):
-    return make_plan(adapter.family, scores, adapter.dims(), targets, layer_types=getattr(adapter, "layer_types", None),
-                     **kwargs)
 
 
 def channels_of(heads, head_dims) -> list[int]:
@@ -123,10 +108,6 @@ def per_group_choice(seed: int, per_group: int) -> list[int]:
     """`per_group` random heads of each of the 2 groups (heads 0-5 and 6-11), ascending."""
     gen = torch.Generator().manual_seed(seed)
     return sorted(g * 6 + j for g in range(GROUPS) for j in torch.randperm(6, generator=gen)[:per_group].tolist())
-
-
-def real_param_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # -- pruning nothing ----------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import save_tiny, tiny_batch, tiny_config, tiny_model, tiny_run_overrides
+from helpers import assert_close
 from megatron_cpu import megatron_on_cpu
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -76,12 +77,6 @@ def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
     mask = torch.ones_like(ids)
     mask[0, -5:] = 0  # right padding: it must not enter any score
     return ids, mask
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5) -> None:
-    assert actual.shape == expected.shape, (tuple(actual.shape), tuple(expected.shape))
-    diff = (actual - expected).abs().max().item()
-    assert diff <= atol, f"max abs diff {diff:.3g} > {atol}"
 
 
 # -- layouts --------------------------------------------------------------------------------------------------------
