@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -78,15 +79,23 @@ def build_checkpoint(folder: Path, layers: int, tokenizer_from: Path) -> int:
 
 
 def child(argv: list[str]) -> dict:
-    """Run `python argv...` in a child process; its wall time, its own peak RSS in bytes (see _peak.py) and output."""
+    """Run `python argv...` in a child process; its wall time, its own peak RSS in bytes (see _peak.py), the peak
+    per pipeline stage with its anonymous / file-backed split, and its output."""
     start = time.perf_counter()
+    env = {**os.environ, "LLMPRUNE_STAGE_PEAKS": "1"}
     proc = subprocess.run([sys.executable, str(Path(__file__).parent / "_peak.py"), *argv], capture_output=True,
-                          text=True)
+                          text=True, env=env)
     seconds = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"{' '.join(argv)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    peak = [int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("__peak_rss_kb__")]
-    return {"seconds": round(seconds, 1), "peak_rss": peak[-1] * 1024, "stdout": proc.stdout}
+    lines = proc.stderr.splitlines()
+    peak = [int(line.split()[1]) for line in lines if line.startswith("__peak_rss_kb__")]
+    stages = {}
+    for line in lines:
+        if line.startswith("__stage_peak_kb__"):
+            _, stage, rss, anon, file = line.split()
+            stages[stage] = {"rss": int(rss) * 1024, "anon": int(anon) * 1024, "file": int(file) * 1024}
+    return {"seconds": round(seconds, 1), "peak_rss": peak[-1] * 1024, "stages": stages, "stdout": proc.stdout}
 
 
 RELOAD = """
@@ -156,6 +165,11 @@ def main() -> None:
           + md_table(["layers", "checkpoint GB", "streaming peak RSS GB", "peak / checkpoint", "streaming s",
                       "in-memory peak RSS GB", "in-memory s", "same weights", "params", "held-out ppl teacher/pruned "
                       "(random weights)", "stock reload peak GB"], rows))
+    stage_rows = [[r["layers"], stage, f"{v['rss'] / 1e9:.2f}", f"{v['anon'] / 1e9:.2f}", f"{v['file'] / 1e9:.2f}"]
+                  for r in results for stage, v in r["streaming"]["stages"].items()]
+    md += ("\n\nPeak RSS per stage of the streaming runs (sampled every 20 ms; anonymous memory vs file-backed pages "
+           "of mapped safetensors, which count in RSS while mapped):\n\n"
+           + md_table(["layers", "stage", "RSS GB", "anon GB", "file-backed GB"], stage_rows))
     write_results("streaming_memory", md, {"runs": results})
 
 

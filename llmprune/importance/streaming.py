@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -229,28 +229,67 @@ def streaming_hidden(stream: LayerStream, batches: Sequence[Batch]) -> list[torc
     return hidden
 
 
-def _logprobs(stream: LayerStream, hidden: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(stream.adapter.logits(hidden[:, :-1]).float(), dim=-1)  # (B, S-1, V)
+HEAD_CHUNK_BYTES = 64 * 2**20  # LM head rows read at a time by streaming_evaluate
+
+
+def _head_weight(stream: LayerStream) -> str:
+    """The name of the LM head's weight (the embedding when tied); the supported families' heads have no bias."""
+    (name,) = [n for n in stream.head_names if n.endswith("weight")]
+    return name
+
+
+def _vocab_chunks(stream: LayerStream) -> list[tuple[int, int]]:
+    vocab, width = stream.checkpoint.shape(_head_weight(stream))
+    rows = max(1, HEAD_CHUNK_BYTES // (4 * width))
+    return [(v, min(v + rows, vocab)) for v in range(0, vocab, rows)]
+
+
+def _chunk_logits(stream: LayerStream, normed: list[torch.Tensor], rows: tuple[int, int]) -> list[torch.Tensor]:
+    """Float32 logits of vocabulary rows [start, stop) for every batch's normed states (B, S-1, H)."""
+    weight = stream.checkpoint.rows(_head_weight(stream), *rows)
+    if stream.dtype is not None:
+        weight = weight.to(stream.dtype)
+    return [F.linear(h.to(weight.dtype), weight).float() for h in normed]
 
 
 @torch.no_grad()
 def streaming_evaluate(model: LayerStream, batches: Sequence[Batch], hidden: list[torch.Tensor],
                        teacher: tuple[LayerStream, list[torch.Tensor]] | None = None) -> dict:
     """evaluate()'s numbers (loss, perplexity, KL to the teacher) from streamed last-layer outputs `hidden`
-    (`streaming_hidden`); `teacher` = (its stream, its outputs). One batch of logits lives at a time."""
+    (`streaming_hidden`); `teacher` = (its stream, its outputs).
+
+    Neither LM head is ever whole in memory: both are read in slices of the vocabulary (HEAD_CHUNK_BYTES). A first
+    pass accumulates each model's log-sum-exp and the labels' logits; with a teacher a second pass sums
+    KL = sum_v p_t(v) (t_v - s_v) + lse_s - lse_t. (Both heads at once were the largest part of the streaming peak.)
+    """
+    streams = [(model, hidden)] + ([teacher] if teacher else [])
+    normed = [[stream.adapter.head.norm(h[:, :-1]) for h in states] for stream, states in streams]  # (B, S-1, H)
+    labels = [batch.input_ids[:, 1:] for batch in batches]
+    lse = [[torch.full(lab.shape, -math.inf) for lab in labels] for _ in streams]
+    label_logit = [torch.zeros(lab.shape) for lab in labels]
+    chunks = _vocab_chunks(model)
+    for start, stop in chunks:
+        for k, (stream, _) in enumerate(streams):
+            for b, logits in enumerate(_chunk_logits(stream, normed[k], (start, stop))):
+                lse[k][b] = torch.logaddexp(lse[k][b], torch.logsumexp(logits, dim=-1))
+                if k == 0:
+                    inside = (labels[b] >= start) & (labels[b] < stop)
+                    picked = logits.gather(-1, (labels[b] - start).clamp(0, stop - start - 1)[..., None])[..., 0]
+                    label_logit[b] += torch.where(inside, picked, 0.0)
+    cross = [torch.zeros(lab.shape) for lab in labels]  # sum_v p_t(v) (t_v - s_v)
+    if teacher is not None:
+        for start, stop in chunks:
+            student_logits = _chunk_logits(model, normed[0], (start, stop))
+            for b, t in enumerate(_chunk_logits(teacher[0], normed[1], (start, stop))):
+                cross[b] += ((t - lse[1][b][..., None]).exp() * (t - student_logits[b])).sum(-1)
     nll = kl = count = 0.0
-    with ExitStack() as heads:
-        for stream in (model, teacher[0]) if teacher else (model,):
-            heads.enter_context(stream.resident(stream.head_names))
-        for b, batch in enumerate(batches):
-            ids, mask = batch.input_ids, batch.attention_mask
-            valid = torch.ones_like(ids[:, 1:], dtype=torch.float32) if mask is None else mask[:, 1:].float()
-            logprobs = _logprobs(model, hidden[b])
-            nll += float((-logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1) * valid).sum())
-            count += float(valid.sum())
-            if teacher is not None:
-                t = _logprobs(teacher[0], teacher[1][b])
-                kl += float(((t.exp() * (t - logprobs)).sum(-1) * valid).sum())
+    for b, batch in enumerate(batches):
+        mask = batch.attention_mask
+        valid = torch.ones(labels[b].shape) if mask is None else mask[:, 1:].float()
+        nll += float(((lse[0][b] - label_logit[b]) * valid).sum())
+        count += float(valid.sum())
+        if teacher is not None:
+            kl += float(((cross[b] + lse[0][b] - lse[1][b]) * valid).sum())
     loss = nll / count
     result = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count)}
     if teacher is not None:

@@ -80,6 +80,12 @@ class Checkpoint:
         with safe_open(str(self.folder / self.files[stored]), "pt") as f:
             return f.get_tensor(stored)
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of one tensor (e.g. a slice of the LM head's vocabulary), copied out of its shard."""
+        stored = self.stored[name]
+        with safe_open(str(self.folder / self.files[stored]), "pt") as f:
+            return f.get_slice(stored)[start:stop].clone()
+
     def shape(self, name: str) -> tuple[int, ...]:
         stored = self.stored[name]
         with safe_open(str(self.folder / self.files[stored]), "pt") as f:
