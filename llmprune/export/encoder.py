@@ -1,8 +1,11 @@
-"""Per-layer (GradNAS) pruning of BERT-style encoders and GPT-J: zeroing, physical slicing, and export.
+"""Per-layer (GradNAS) pruning of BERT-style encoders, GPT-J and llama-like decoders: zeroing, physical slicing,
+and export.
 
 GradNAS removes attention heads and FFN neurons per layer, so layer 0 may keep 7 of 12 heads and layer 1 all 12.
 `heads` and `ffn` are `PruningPlan.heads` / `PruningPlan.ffn`: original layer index -> sorted kept query-head / FFN
-neuron indices (an absent layer keeps all). The hidden size and the layer count never change.
+neuron indices (an absent layer keeps all). The hidden size and the layer count never change. Under grouped-query
+attention (llama, mistral, qwen2, qwen3) the kept query heads are whole groups (query head h reads KV head
+h // (heads / kv_heads)), and a layer keeps the KV heads of its kept groups.
 
 Three views of one pruned model, with equal outputs:
   - `zero_pruned_units`: the original shapes, every removed unit's weights zeroed (the reference).
@@ -11,8 +14,8 @@ Three views of one pruned model, with equal outputs:
   - `write_encoder_export`: a stock-transformers directory (FFN as wide as the widest kept layer, narrower layers
     padded with zero neurons; removed heads zero-filled), plus sentence-transformers files and `onnx/model.onnx`.
 
-A layer may keep 0 heads or 0 neurons: its attention (FFN) then adds only the output projection's bias, which is
-what a zero-width nn.Linear computes (see `NoHeads` for why BERT's attention over zero heads is replaced).
+A layer may keep 0 heads or 0 neurons: its attention (FFN) then adds only the output projection's bias (if any),
+which is what a zero-width nn.Linear computes (see `NoHeads` for why BERT's attention over zero heads is replaced).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import logging
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -35,20 +39,24 @@ log = logging.getLogger("llmprune")
 Kept = Mapping[int, Sequence[int]] | None
 
 # Per family, HF module names inside one layer of `model.base_model`; `attention` is the module that splits heads,
-# `ffn_config` the config key of the FFN width.
+# `ffn_in` the FFN's input projections (a gated MLP has two: gate and up), `ffn_config` the config key of its width.
+_LLAMA = {"layers": "layers", "attention": "self_attn", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
+          "v": "self_attn.v_proj", "o": "self_attn.o_proj", "ffn_in": ("mlp.gate_proj", "mlp.up_proj"),
+          "ffn_out": "mlp.down_proj", "ffn_config": "intermediate_size"}
 FAMILIES = {
     "bert": {"layers": "encoder.layer", "attention": "attention.self", "q": "attention.self.query",
              "k": "attention.self.key", "v": "attention.self.value", "o": "attention.output.dense",
-             "fc_in": "intermediate.dense", "fc_out": "output.dense", "ffn_config": "intermediate_size"},
+             "ffn_in": ("intermediate.dense",), "ffn_out": "output.dense", "ffn_config": "intermediate_size"},
     "gptj": {"layers": "h", "attention": "attn", "q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj",
-             "o": "attn.out_proj", "fc_in": "mlp.fc_in", "fc_out": "mlp.fc_out", "ffn_config": "n_inner"},
+             "o": "attn.out_proj", "ffn_in": ("mlp.fc_in",), "ffn_out": "mlp.fc_out", "ffn_config": "n_inner"},
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
 }
 # Files of the source's Transformer module that the export rewrites (weights, config) or cannot keep (other backends).
 _REWRITTEN = {"config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
               "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack", "rust_model.ot", "onnx", "openvino"}
 
 
-def _family(model: nn.Module) -> dict[str, str]:
+def _family(model: nn.Module) -> dict:
     family = model.config.model_type
     if family not in FAMILIES:
         raise ConfigError(f"Per-layer encoder export does not know model_type '{family}'. "
@@ -61,16 +69,24 @@ def _layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _head_dim(model: nn.Module) -> int:
-    return model.config.hidden_size // model.config.num_attention_heads
+    """llama-like configs may set head_dim apart from hidden / heads (qwen3); BERT and GPT-J configs have none."""
+    return getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+
+
+def _heads_per_group(model: nn.Module) -> int:
+    """Query heads per KV head: 1 without grouped-query attention."""
+    c = model.config
+    return c.num_attention_heads // (getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
 
 
 def _ffn_width(model: nn.Module) -> int:
-    return _layers(model)[0].get_submodule(_family(model)["fc_in"]).out_features
+    return _layers(model)[0].get_submodule(_family(model)["ffn_in"][0]).out_features
 
 
 def check_kept(model: nn.Module, heads: Kept, ffn: Kept) -> None:
     """Raise one ConfigError listing every layer index or kept index that does not fit `model`."""
     num_layers, num_heads, width = len(_layers(model)), model.config.num_attention_heads, _ffn_width(model)
+    per_group = _heads_per_group(model)
     problems = []
     for name, kept, size in (("heads", heads, num_heads), ("ffn", ffn, width)):
         for layer, idx in (kept or {}).items():
@@ -78,6 +94,9 @@ def check_kept(model: nn.Module, heads: Kept, ffn: Kept) -> None:
                 problems.append(f"{name}[{layer}]: the model has layers 0..{num_layers - 1}.")
             elif list(idx) != sorted(set(idx)) or (idx and not 0 <= idx[0] <= idx[-1] < size):
                 problems.append(f"{name}[{layer}] must be sorted, distinct indices in 0..{size - 1}; got {list(idx)}.")
+            elif name == "heads" and list(idx) != _kept_heads(_kept_groups(idx, per_group), per_group):
+                problems.append(f"heads[{layer}] must keep whole query groups of {per_group} heads (query head h "
+                                f"reads KV head h // {per_group}); got {list(idx)}.")
     if problems:
         raise ConfigError("Invalid kept units for per-layer pruning:\n  - " + "\n  - ".join(problems))
 
@@ -87,13 +106,38 @@ def _kept_channels(kept_heads: Sequence[int], head_dim: int) -> list[int]:
     return [h * head_dim + d for h in kept_heads for d in range(head_dim)]
 
 
-def _per_layer(model: nn.Module, heads: Kept, ffn: Kept) -> list[tuple[nn.Module, list[int], list[int]]]:
-    """(layer, kept q/k/v channels, kept FFN neurons) for every layer, with absent layers keeping everything."""
+def _kept_groups(kept_heads: Sequence[int], per_group: int) -> list[int]:
+    """The KV heads that the kept query heads read."""
+    return sorted({h // per_group for h in kept_heads})
+
+
+def _kept_heads(groups: Sequence[int], per_group: int) -> list[int]:
+    """Every query head of the kept groups."""
+    return [g * per_group + j for g in groups for j in range(per_group)]
+
+
+class LayerKept(NamedTuple):
+    """One layer's kept channels: q rows (= output-projection columns), k / v rows, FFN neurons."""
+
+    layer: nn.Module
+    q: list[int]
+    kv: list[int]
+    ffn: list[int]
+
+
+def _per_layer(model: nn.Module, heads: Kept, ffn: Kept) -> list[LayerKept]:
+    """The kept channels of every layer, with absent layers keeping everything."""
     check_kept(model, heads, ffn)
     num_heads, head_dim, width = model.config.num_attention_heads, _head_dim(model), _ffn_width(model)
+    per_group = _heads_per_group(model)
     heads, ffn = heads or {}, ffn or {}
-    return [(layer, _kept_channels(heads.get(i, range(num_heads)), head_dim), list(ffn.get(i, range(width))))
-            for i, layer in enumerate(_layers(model))]
+    out = []
+    for i, layer in enumerate(_layers(model)):
+        kept_heads = heads.get(i, range(num_heads))
+        out.append(LayerKept(layer, _kept_channels(kept_heads, head_dim),
+                             _kept_channels(_kept_groups(kept_heads, per_group), head_dim),
+                             list(ffn.get(i, range(width)))))
+    return out
 
 
 def _zero_removed(linear: nn.Linear, kept: list[int], dim: int) -> None:
@@ -113,18 +157,21 @@ def _zero_removed(linear: nn.Linear, kept: list[int], dim: int) -> None:
 def zero_pruned_units(model: nn.Module, heads: Kept, ffn: Kept) -> nn.Module:
     """A copy of `model` (the original is untouched) in which every removed head and FFN neuron adds nothing.
 
-    A removed head's q/k/v rows and biases and its output-projection columns are zeroed, a removed neuron's input
-    row, bias and output column: the output columns alone already make the unit contribute exactly zero, zeroing the
-    inputs too leaves no stale weights behind. Equal to the truly pruned model up to float summation order.
+    A removed head's q rows and biases and its output-projection columns are zeroed (with its k / v rows once its
+    whole group is removed), a removed neuron's input rows (gate and up in a gated MLP), biases and output column:
+    the output columns alone already make the unit contribute exactly zero, zeroing the inputs too leaves no stale
+    weights behind. Equal to the truly pruned model up to float summation order.
     """
     names = _family(model)
     zeroed = copy.deepcopy(model)
-    for layer, channels, neurons in _per_layer(zeroed, heads, ffn):
-        for proj in ("q", "k", "v"):
-            _zero_removed(layer.get_submodule(names[proj]), channels, dim=0)
-        _zero_removed(layer.get_submodule(names["o"]), channels, dim=1)
-        _zero_removed(layer.get_submodule(names["fc_in"]), neurons, dim=0)
-        _zero_removed(layer.get_submodule(names["fc_out"]), neurons, dim=1)
+    for kept in _per_layer(zeroed, heads, ffn):
+        layer = kept.layer
+        for proj, rows in (("q", kept.q), ("k", kept.kv), ("v", kept.kv)):
+            _zero_removed(layer.get_submodule(names[proj]), rows, dim=0)
+        _zero_removed(layer.get_submodule(names["o"]), kept.q, dim=1)
+        for name in names["ffn_in"]:
+            _zero_removed(layer.get_submodule(name), kept.ffn, dim=0)
+        _zero_removed(layer.get_submodule(names["ffn_out"]), kept.ffn, dim=1)
     return zeroed
 
 
@@ -165,45 +212,54 @@ def physically_pruned(model: nn.Module, heads: Kept, ffn: Kept) -> nn.Module:
     """A copy of `model` with the real per-layer shapes: q/k/v rows, output-projection columns and FFN neurons of
     removed units are cut out of each layer's nn.Linear weights and biases.
 
-    The attention forward of transformers 5 (BertSelfAttention, GPTJAttention) infers the head count from the
-    projection's width (`view(..., -1, head_size)`) and reads only the unchanged head size and `scaling`; the
-    head-count attributes (`num_attention_heads`, and BERT's `all_head_size`) are still set per layer so no reader
-    sees the original count. A BERT layer that keeps no head gets `NoHeads` (GPT-J's stock attention runs with
-    zero heads as is). `model.config` keeps the original sizes: this model is for inference, ONNX and
-    parameter counting, not for `save_pretrained` (use `write_encoder_export`).
+    The attention forward of transformers 5 (BertSelfAttention, GPTJAttention, LlamaAttention and its mistral /
+    qwen2 / qwen3 copies) infers the head count from the projection's width (`view(..., -1, head_dim)`) and reads
+    only the unchanged head size and `scaling`; llama's also reads `num_key_value_groups` (query heads per KV
+    head), which whole kept groups leave unchanged, and qwen3's q_norm / k_norm act on head_dim. The head-count
+    attributes BERT and GPT-J carry (`num_attention_heads`, BERT's `all_head_size`) are still set per layer so no
+    reader sees the original count. A BERT layer that keeps no head gets `NoHeads`; GPT-J's and llama's stock
+    attention run with zero heads as is (eager and sdpa; the KV cache then holds zero heads for the layer).
+    `model.config` keeps the original sizes: this model is for inference, ONNX and parameter counting, not for
+    `save_pretrained` (use `write_encoder_export`).
     """
     names = _family(model)
     pruned = copy.deepcopy(model)
     head_dim = _head_dim(model)
-    for layer, channels, neurons in _per_layer(pruned, heads, ffn):
-        _replace(layer, names["o"], _sliced(layer.get_submodule(names["o"]), cols=channels))
-        _replace(layer, names["fc_in"], _sliced(layer.get_submodule(names["fc_in"]), rows=neurons))
-        _replace(layer, names["fc_out"], _sliced(layer.get_submodule(names["fc_out"]), cols=neurons))
-        if not channels and model.config.model_type == "bert":
+    for kept in _per_layer(pruned, heads, ffn):
+        layer = kept.layer
+        _replace(layer, names["o"], _sliced(layer.get_submodule(names["o"]), cols=kept.q))
+        for name in names["ffn_in"]:
+            _replace(layer, name, _sliced(layer.get_submodule(name), rows=kept.ffn))
+        _replace(layer, names["ffn_out"], _sliced(layer.get_submodule(names["ffn_out"]), cols=kept.ffn))
+        if not kept.q and model.config.model_type == "bert":
             _replace(layer, names["attention"], NoHeads())
             continue
-        for proj in ("q", "k", "v"):
-            _replace(layer, names[proj], _sliced(layer.get_submodule(names[proj]), rows=channels))
+        for proj, rows in (("q", kept.q), ("k", kept.kv), ("v", kept.kv)):
+            _replace(layer, names[proj], _sliced(layer.get_submodule(names[proj]), rows=rows))
         attention = layer.get_submodule(names["attention"])
-        attention.num_attention_heads = len(channels) // head_dim
+        if hasattr(attention, "num_attention_heads"):
+            attention.num_attention_heads = len(kept.q) // head_dim
         if hasattr(attention, "all_head_size"):
-            attention.all_head_size = len(channels)
+            attention.all_head_size = len(kept.q)
     return pruned
 
 
 @torch.no_grad()
 def padded_for_stock_config(model: nn.Module, heads: Kept, ffn: Kept) -> nn.Module:
-    """A copy that a stock config of the model's own class describes: removed heads zero-filled (the config has one
-    head count), and the FFN as wide as the widest kept layer, each layer's kept neurons first and the rest zero
-    neurons (zero input row, bias and output column, so they add nothing whatever the activation)."""
+    """A copy that a stock config of the model's own class describes: removed heads (and the KV heads of removed
+    groups) zero-filled (the config has one head count), and the FFN as wide as the widest kept layer, each layer's
+    kept neurons first and the rest zero neurons (zero input rows, biases and output column, so they add nothing
+    whatever the activation)."""
     names = _family(model)
     padded = zero_pruned_units(model, heads, ffn)
     kept = _per_layer(padded, heads, ffn)
-    width = max(len(neurons) for _, _, neurons in kept)
-    for layer, _, neurons in kept:
-        pad = width - len(neurons)
-        _replace(layer, names["fc_in"], _sliced(layer.get_submodule(names["fc_in"]), rows=neurons, pad_rows=pad))
-        _replace(layer, names["fc_out"], _sliced(layer.get_submodule(names["fc_out"]), cols=neurons, pad_cols=pad))
+    width = max(len(k.ffn) for k in kept)
+    for k in kept:
+        pad = width - len(k.ffn)
+        for name in names["ffn_in"]:
+            _replace(k.layer, name, _sliced(k.layer.get_submodule(name), rows=k.ffn, pad_rows=pad))
+        _replace(k.layer, names["ffn_out"], _sliced(k.layer.get_submodule(names["ffn_out"]), cols=k.ffn,
+                                                   pad_cols=pad))
     setattr(padded.config, names["ffn_config"], width)
     return padded
 
@@ -295,9 +351,10 @@ def write_encoder_export(model: nn.Module, heads: Kept, ffn: Kept, out_dir: str 
         tokenizer, configs) are copied so `SentenceTransformer(out_dir)` gives the pruned model's embeddings.
     (c) For BERT models, unless `onnx` is False, `onnx/model.onnx` beside the weights: the base encoder of
         `physically_pruned` (the real per-layer shapes), last_hidden_state out (see `export_onnx`), which
-        `SentenceTransformer(out_dir, backend="onnx")` loads. None for GPT-J.
-    `encoder_export.json` records the kept units per layer, the FFN width written, the parameter counts (physical:
-    the padded tensors on disk; effective: the physically pruned model) and the ONNX exporter used.
+        `SentenceTransformer(out_dir, backend="onnx")` loads. None for decoders.
+    `encoder_export.json` records the kept units per layer (query heads, KV heads, FFN neurons), the FFN width
+    written, the parameter counts (physical: the padded tensors on disk; effective: the physically pruned model) and
+    the ONNX exporter used.
     """
     out_dir = Path(out_dir)
     source = None if source_dir is None else Path(source_dir)
@@ -310,8 +367,9 @@ def write_encoder_export(model: nn.Module, heads: Kept, ffn: Kept, out_dir: str 
     info = {
         "architecture": type(model).__name__,
         "ffn_width_written": getattr(padded.config, _family(model)["ffn_config"]),
-        "kept_heads": [len(channels) // _head_dim(model) for _, channels, _ in kept],
-        "kept_ffn": [len(neurons) for _, _, neurons in kept],
+        "kept_heads": [len(k.q) // _head_dim(model) for k in kept],
+        "kept_kv_heads": [len(k.kv) // _head_dim(model) for k in kept],
+        "kept_ffn": [len(k.ffn) for k in kept],
         "physical_params": count_params(padded),
         "effective_params": count_params(pruned),
         "sentence_transformers": source is not None,
