@@ -44,7 +44,7 @@ def prune(model, mode: str = "minitron", export_config: dict | None = None, cali
           depth_method: str = "drop_one", depth_metric: str = "lm_loss", depth_samples: int = 6,
           seq_len: int = 256, batch_size: int = 4, rescale_norms: bool = True,
           constraints: dict | None = None, loss_fn=None, rule: str = "knapsack", flops_seq_len: int | None = None,
-          seed: int = 0) -> tuple[torch.nn.Module, PruningPlan]:
+          search: dict | None = None, heldout_data=None, seed: int = 0) -> tuple[torch.nn.Module, PruningPlan]:
     """Prune a Hugging Face model with Minitron (targets) or GradNAS (a budget); return it with its plan.
 
     Args:
@@ -52,7 +52,12 @@ def prune(model, mode: str = "minitron", export_config: dict | None = None, cali
             (bare, masked LM or classifier), GPT-J or llama-like decoder (gradnas).
         mode: "minitron" | "gradnas".
         export_config: (minitron) targets by ModelOpt name, e.g. {"hidden_size": 448, "ffn_hidden_size": 1024}.
-        constraints: (gradnas) {"params": 3e7 or "60%", "flops": ...}; see prune.constraints.
+        constraints: {"params": 3e7 or "60%", "flops": ...}; see prune.constraints. gradnas: per-layer widths within
+            them; minitron (instead of export_config): the architecture search picks the candidate with the lowest
+            held-out KL to `model` (params, flops, memory; latency is measured by the CLI's search stage only).
+        search: (minitron with constraints) search.* keys: divisors, lowest_fraction, top_k, seq_len, batch_size,
+            memory_dtype. Candidates are ranked after pruning only (no distillation: that is your training loop's).
+        heldout_data: (minitron with constraints) the text the KL is measured on, as calib_data; None: calib_data.
         loss_fn: (gradnas) "mlm" | "causal_lm" | "contrastive" | "task" or a callable (model, Batch) -> loss;
             None picks as prune.gradnas.loss=auto does.
         rule / flops_seq_len: (gradnas) prune.gradnas.rule and .seq_len (FLOPs are counted at flops_seq_len,
@@ -75,7 +80,10 @@ def prune(model, mode: str = "minitron", export_config: dict | None = None, cali
         return _prune_gradnas(model, constraints, calib_data, tokenizer, loss_fn, rule, flops_seq_len or seq_len,
                               seq_len, batch_size, seed, scores)
     if constraints:
-        raise ConfigError("constraints are a GradNAS budget; mode='minitron' takes export_config targets.")
+        if export_config:
+            raise ConfigError("mode='minitron' prunes to export_config or searches within constraints; pass one.")
+        return _prune_search(model, constraints, calib_data, heldout_data, tokenizer, scores, search or {},
+                             depth_method, depth_metric, depth_samples, rescale_norms, seq_len, batch_size, seed)
     if not export_config:
         raise ConfigError("export_config is empty: pass targets such as {'hidden_size': 448}. Known keys: "
                           f"{', '.join(TARGET_KEYS)}.")
@@ -114,3 +122,61 @@ def _prune_gradnas(model, constraints, calib_data, tokenizer, loss_fn, rule: str
         scores = gradnas_scores(model, as_batches(calib_data, tokenizer, seq_len, batch_size), loss, tokenizer, seed)
     plan = gradnas_plan(adapter.family, space, scores, profile.bounds, rule)
     return physically_pruned(model, plan.heads, plan.ffn), plan
+
+
+def _prune_search(model, constraints: dict, calib_data, heldout_data, tokenizer, scores, search: dict,
+                  depth_method: str, depth_metric: str, depth_samples: int, rescale_norms: bool, seq_len: int,
+                  batch_size: int, seed: int) -> tuple[torch.nn.Module, PruningPlan]:
+    """Minitron search: profile (fails on an unreachable budget before any forward pass), score once, rank the
+    search.top_k candidates using most of the budget by held-out KL after pruning, prune to the best."""
+    from llmprune.config.schema import SearchConfig
+    from llmprune.evaluate import evaluate
+    from llmprune.plan import choose_layers
+    from llmprune.search.rank import combined, rank
+    from llmprune.search.space import SearchSpace, search_choices
+    from llmprune.search.state import SearchState
+
+    s = {**SearchConfig().__dict__, "divisors": {}, "lowest_fraction": {}, **search}
+    fractions = {**SearchConfig().lowest_fraction.__dict__, **s["lowest_fraction"]}
+    adapter = get_adapter(model)
+    dims = adapter.dims()
+    choices = search_choices(dims, s["divisors"], fractions, prefix="search.")
+    space = SearchSpace(adapter.cost_model(), dims, choices, s["seq_len"] or seq_len, s["batch_size"],
+                        s["memory_dtype"])
+    unsupported = sorted(set(constraints) - {"params", "flops", "memory"})
+    if unsupported:
+        raise ConfigError(f"constraints.{unsupported[0]}: prune() searches params, flops and memory budgets; a latency "
+                          "budget is measured by the CLI's search stage (prune.constraints.latency).")
+    if depth_method == "contiguous" and len(choices["num_layers"]) > 1:
+        raise ConfigError("depth_method='contiguous' scores one block size; the search tries several depths. Use "
+                          "drop_one or block_importance (or search={'lowest_fraction': {'num_layers': 1}}).")
+    profile = space.profile(constraints, prefix="constraints.")
+    profile.check()
+    if scores is None:
+        if calib_data is None:
+            raise ConfigError("prune() needs calib_data (or scores from compute_scores).")
+        scores = compute_scores(model, calib_data, tokenizer, export_config={"num_layers": choices["num_layers"][0]},
+                                importance="activation", depth_method=depth_method, depth_metric=depth_metric,
+                                depth_samples=depth_samples, seq_len=seq_len, batch_size=batch_size, seed=seed)
+    heldout = as_batches(heldout_data if heldout_data is not None else calib_data, tokenizer, seq_len, batch_size)
+    if len(heldout) < 2:
+        raise ConfigError("the search scores on two halves of the held-out batches; pass at least 2 batches.")
+    half_a, half_b = heldout[: len(heldout) // 2], heldout[len(heldout) // 2:]
+    space.layers_for = lambda keep: choose_layers(scores, dims["num_layers"], keep, depth_method, depth_metric)["kept"]
+
+    def plan_for(target: dict) -> PruningPlan:
+        return make_plan(adapter.family, scores, dims, target, depth_method, depth_metric, rescale_norms,
+                         layer_types=getattr(adapter, "layer_types", None))
+
+    def score(c) -> dict:
+        student = get_adapter(model).apply(plan_for(c.target))
+        return combined(evaluate(student, half_a, teacher=model), evaluate(student, half_b, teacher=model))
+
+    candidates = space.candidates(profile.bounds)
+    if not candidates:
+        raise ConfigError("no candidate of the search grid fits every constraint; raise them or refine the divisors.")
+    result = rank(candidates, s["top_k"], 0, SearchState.load(None, ""), score, score)
+    chosen = result.pop("pick")
+    plan = plan_for(chosen.target)
+    plan.summary["search"] = {**result, "pick": chosen.key, "bounds": profile.bounds}
+    return get_adapter(model).apply(plan), plan

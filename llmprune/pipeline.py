@@ -1,5 +1,5 @@
-"""One run, read top to bottom: load -> data -> [correct teacher] -> [convert] -> calibrate -> plan -> prune ->
-evaluate -> export pruned/ -> [distill -> export final/] -> [push] -> report.
+"""One run, read top to bottom: load -> data -> [correct teacher] -> [convert] -> calibrate -> [search] -> plan ->
+prune -> evaluate -> export pruned/ -> [distill -> export final/] -> [push] -> report.
 
 backend=megatron converts the teacher to a megatron-core GPTModel (split over tensor-parallel ranks and pipeline
 stages) for calibration and pruning; the pruned model comes back as a Hugging Face student on every rank, so every
@@ -34,6 +34,7 @@ from llmprune.models import choose_streaming, load_model, resolve_source
 from llmprune.plan import PruningPlan, make_plan, resolve_targets
 from llmprune.progress import setup_logging
 from llmprune.report import plot_curves, write_report
+from llmprune.search.stage import Scorers, is_search, run_search, search_depth_needs, search_fingerprint, search_space
 from llmprune.stages.calibration import calibrate, calibrate_streaming, calibration_fingerprint, depth_needs
 from llmprune.stages.distillation import distill_student, distill_summary
 from llmprune.stages.export import export_stage, export_streaming
@@ -154,6 +155,9 @@ def run(cfg: DictConfig) -> dict:
     if cfg.prune.mode == "gradnas":
         return run_gradnas(cfg, run_dir, t)
     if choose_streaming(cfg.model, source, cfg):
+        if is_search(cfg):
+            raise ConfigError("the architecture search (prune.constraints with prune.mode=minitron) scores pruned "
+                              "models in memory but this checkpoint would be streamed; set model.streaming=false.")
         return run_streaming(cfg, source, run_dir, t)
 
     with t.stage("load"):
@@ -165,6 +169,12 @@ def run(cfg: DictConfig) -> dict:
         if cfg.backend == "megatron":  # fail before calibrating: the model converts, the targets split over TP
             check_convertible(teacher.config, cfg.megatron.tensor_parallel_size, target,
                               cfg.megatron.pipeline_parallel_size)
+        space = search_space(cfg, teacher, adapter, run_dir) if is_search(cfg) else None
+        if space is not None:  # an unreachable budget stops here, with the achievable range
+            profile = space.profile(OmegaConf.to_container(cfg.prune.constraints))
+            if is_rank_zero():
+                profile.print()
+            profile.check()
 
     with t.stage("data"):
         splits = load_data(cfg.data, tokenizer, cfg.seed)
@@ -182,11 +192,21 @@ def run(cfg: DictConfig) -> dict:
             model, scorer = megatron_model(cfg, teacher)
 
     with t.stage("calibrate"):
-        scores = calibrate(cfg.prune, cfg.data.batch_size, cfg.seed, model, scorer, splits.calib,
-                           depth_needs(cfg.prune.depth, dims, target), run_dir / "importance.safetensors", fingerprint)
+        needs = search_depth_needs(cfg.prune.depth, dims, space) if space else depth_needs(cfg.prune.depth, dims,
+                                                                                           target)
+        scores = calibrate(cfg.prune, cfg.data.batch_size, cfg.seed, model, scorer, splits.calib, needs,
+                           run_dir / "importance.safetensors", fingerprint)
+
+    prune_cfg, found = cfg.prune, None
+    if space is not None:
+        with t.stage("search"):
+            scorers = Scorers(cfg, teacher, adapter, scores, even_share(splits.heldout), splits.train, run_dir,
+                              search_fingerprint(cfg, fingerprint))
+            found = run_search(cfg, space, profile, scorers, run_dir)
+            prune_cfg = OmegaConf.merge(cfg.prune, {"export_config": found["target"]})
 
     with t.stage("plan"):
-        plan = plan_stage(cfg.prune, scorer.family, scores, dims, adapter, run_dir)
+        plan = plan_stage(prune_cfg, scorer.family, scores, dims, adapter, run_dir)
 
     with t.stage("prune"):
         student, student_adapter = prune_to_hf(teacher, model, scorer, plan)
@@ -202,6 +222,8 @@ def run(cfg: DictConfig) -> dict:
                           "pruned": evaluate(student, heldout, teacher=teacher, desc="evaluate pruned")}
 
     report = base_report(cfg, source, adapter, plan, params, splits, evaluation, t)
+    if found is not None:
+        report["search"] = found
     probe = splits.heldout[:1].to(device)
     with t.stage("export_pruned"):
         report["architecture_written"] = export_stage("pruned", student, student_adapter, tokenizer, run_dir,

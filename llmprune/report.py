@@ -86,6 +86,8 @@ def report_markdown(report: dict) -> str:
         parts += ["GradNAS search space profile:", "", g["profile"], "",
                   f"Rule {g['rule']}: kept {g['kept_score'] / g['total_score']:.1%} of the score mass; effective "
                   f"params {g['effective']['params']:,}, FLOPs {g['effective']['flops']:,}.", ""]
+    if "search" in report:
+        parts += search_markdown(report["search"])
     for name, check in report.get("export_check", {}).items():
         if "physical_params" in check:  # per-layer (GradNAS) export
             parts += [f"Export check ({name}/): stock transformers reloads it as {check['architecture']}; max |output "
@@ -105,6 +107,35 @@ def report_markdown(report: dict) -> str:
     if "hub" in report:
         parts += [f"Pushed to {report['hub']['url']}", ""]
     return "\n".join(parts)
+
+
+def search_markdown(search: dict) -> list[str]:
+    """The architecture search: the profile, the pick and runners-up, the score's noise and every scored candidate."""
+    def number(value, digits: int = 4) -> str:
+        return "-" if value is None else f"{value:,.{digits}f}"
+
+    lines = ["## Architecture search", "", "Search space profile:", "", search["profile"], "",
+             f"Objectives {search['objectives']}; {search['space_size']:,} grid points"
+             + (f", {search['candidates_within_budget']:,} within every bound" if "candidates_within_budget" in search
+                else "") + f"; {search['scores_taken']} scores taken in {search['seconds']:.0f} s "
+             f"({search['scores_per_minute']} per minute); search.csv lists every scored candidate.", "",
+             f"Pick: `{search['pick']}`" + (f" ({search['pick_rule']} of the Pareto front, search/front.png)"
+                                           if "pick_rule" in search else "")
+             + (f"; runners-up: {', '.join(f'`{k}`' for k in search['runners_up'])}" if search.get("runners_up")
+                else "") + ".", ""]
+    if "noise" in search:
+        pruned, distilled = search["noise"]["pruned"], search["noise"]["distilled"]
+        lines += [f"Noise (each score on two disjoint held-out halves): pruned KL gap "
+                  f"{number(pruned['mean_relative_gap'], 3)} relative, halves' rank correlation "
+                  f"{number(pruned['halves_spearman'], 3)}; distilled KL gap "
+                  f"{number(distilled['mean_relative_gap'], 3)}. Rank correlation pruned-only vs distilled "
+                  f"(finalists): {number(search['rank_correlation'], 3)}.",
+                  ""]
+    columns = [c for c in ("key", "params", "flops", "memory", "latency", "pruned_kl", "distilled_kl")
+               if any(c in row for row in search["scored"])]
+    rows = [[row["key"] if c == "key" else number(row.get(c), 4 if "kl" in c else 0) for c in columns]
+            for row in search["scored"]]
+    return lines + [markdown_table(tuple(columns), rows), ""]
 
 
 def model_card(report: dict) -> str:

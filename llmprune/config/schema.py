@@ -103,12 +103,20 @@ class DepthConfig:
 
 @dataclass
 class ConstraintsConfig:
-    """Budgets for prune.mode=gradnas (instead of export_config targets): absolute (3e7, "30M", "2.5G") or relative
-    to the unpruned model ("60%"). params: parameter count; flops: forward FLOPs of one sequence of
-    prune.gradnas.seq_len tokens. Both may be set."""
+    """Budgets instead of export_config targets: absolute (3e7, "30M", "2.5G") or relative to the unpruned model
+    ("60%"); any combination. prune.mode=gradnas chooses per-layer widths under them (params, flops); prune.mode=
+    minitron searches the architecture (see the search group; all four).
+    params: parameter count.
+    flops: forward FLOPs of one sequence (gradnas: prune.gradnas.seq_len tokens; minitron: search.seq_len).
+    memory: (minitron) bytes of the weights at search.memory_dtype + the KV / SSM cache of search.batch_size x
+        search.seq_len tokens.
+    latency: (minitron) seconds of one prefill of search.batch_size x search.seq_len tokens, measured on the run's
+        device with a random-weight model of each candidate shape (cached in search/latency.json)."""
 
     params: Any = None
     flops: Any = None
+    memory: Any = None
+    latency: Any = None
 
 
 @dataclass
@@ -134,11 +142,72 @@ class GradNASConfig:
 
 
 @dataclass
+class SearchDivisorsConfig:
+    """Each searched dimension takes multiples of its divisor (null: automatic: ModelOpt's hidden 256, FFN 512,
+    Mamba head dim 8, layers 2, scaled down to ~16 steps of the width for small models; attention heads in
+    multiples of the KV group count, Mamba heads of n_groups)."""
+
+    hidden_size: int | None = None
+    ffn_hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+    mamba_num_heads: int | None = None
+    mamba_head_dim: int | None = None
+
+
+@dataclass
+class SearchFractionsConfig:
+    """The smallest size searched per dimension, as a fraction of the original (ModelOpt: widths 60%, depth 80%)."""
+
+    hidden_size: float = 0.6
+    ffn_hidden_size: float = 0.6
+    num_attention_heads: float = 0.6
+    num_layers: float = 0.8
+    mamba_num_heads: float = 0.6
+    mamba_head_dim: float = 0.6
+
+
+@dataclass
+class SearchConfig:
+    """Architecture search (prune.mode=minitron with prune.constraints): the Cartesian product of the per-dimension
+    grids is costed by the cost model and the candidates within every budget are ranked.
+
+    top_k: candidates scored by KL to the teacher on held-out tokens after pruning (those using most of the budget).
+    finalists: the best of them by that KL, each distilled for distill_tokens tokens and ranked again (0: rank by
+        the pruned KL only).
+    distill_tokens: the short distillation of each finalist (distill.* settings, its own schedule).
+    batch_size / seq_len: the input that memory, FLOPs and latency are counted at (seq_len null: data.seq_len).
+    memory_dtype: the weights' dtype for prune.constraints.memory (float32 | bfloat16 | float16 | int8).
+    latency_repeats: timed prefills per candidate shape (the median counts).
+    objectives: [kl] ranks by KL (top_k, then finalists); more, e.g. [kl, latency] (or params, flops, memory), runs
+        NSGA-II for the Pareto front (search/front.csv, search/front.png).
+    pick: the front point chosen: knee | best_under_budget (the lowest KL).
+    population / generations: NSGA-II sizes (multi-objective mode).
+    divisors / lowest_fraction: the grids.
+    """
+
+    top_k: int = 10
+    finalists: int = 3
+    distill_tokens: int = 16384
+    batch_size: int = 1
+    seq_len: int | None = None
+    memory_dtype: str = "bfloat16"
+    latency_repeats: int = 3
+    objectives: list[str] = field(default_factory=lambda: ["kl"])
+    pick: str = "knee"
+    population: int = 16
+    generations: int = 6
+    divisors: SearchDivisorsConfig = field(default_factory=SearchDivisorsConfig)
+    lowest_fraction: SearchFractionsConfig = field(default_factory=SearchFractionsConfig)
+
+
+@dataclass
 class PruneConfig:
     """Pruning.
 
-    mode: minitron (activation importance, export_config targets) | gradnas (gradient scores, per-layer widths
-        under prune.constraints; BERT-style encoders, GPT-J and llama-like decoders).
+    mode: minitron (activation importance; export_config targets, or prune.constraints and the search group) |
+        gradnas (gradient scores, per-layer widths under prune.constraints; BERT-style encoders, GPT-J and llama-like
+        decoders).
     importance: activation (Minitron) | magnitude | taylor | random; the last three are baselines for ablations.
     export_config: target sizes.
     depth: layer selection.
@@ -283,6 +352,7 @@ class LLMPruneConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
 
 ConfigStore.instance().store(name="llmprune_schema", node=LLMPruneConfig)
@@ -298,6 +368,8 @@ CHOICES = {
     "prune.importance": ("activation", "magnitude", "taylor", "random"),
     "prune.depth.method": ("drop_one", "block_importance", "contiguous"),
     "prune.depth.metric": ("lm_loss", "kl"),
+    "search.memory_dtype": ("float32", "bfloat16", "float16", "int8"),
+    "search.pick": ("knee", "best_under_budget"),
     "export.architecture": ("auto", "keep"),
     "distill.precision": ("auto", "bf16", "fp32"),
     "distill.hidden_loss": ("cosine", "mse"),
@@ -312,7 +384,8 @@ def describe_schema() -> str:
                          ("prune", PruneConfig), ("prune.export_config", TargetsConfig),
                          ("prune.constraints", ConstraintsConfig), ("prune.gradnas", GradNASConfig),
                          ("prune.depth", DepthConfig), ("distill", DistillConfig), ("eval", EvalConfig),
-                         ("export", ExportConfig), ("megatron", MegatronConfig)):
+                         ("export", ExportConfig), ("megatron", MegatronConfig), ("search", SearchConfig),
+                         ("search.divisors", SearchDivisorsConfig), ("search.lowest_fraction", SearchFractionsConfig)):
         defaults = OmegaConf.structured(schema)
         keys = ", ".join(f"{k}={v}" for k, v in defaults.items() if not OmegaConf.is_dict(defaults[k]))
         sections.append(f"[{name}] {keys}\n    " + (schema.__doc__ or "").strip().replace("\n", "\n    "))
