@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,7 +29,6 @@ from transformers.utils import ModelOutput
 
 from llmprune import losses
 from llmprune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from llmprune.config import ConfigError
 from llmprune.distributed import (
     all_reduce_sum,
     barrier,
@@ -38,6 +38,7 @@ from llmprune.distributed import (
     rank,
     world_size,
 )
+from llmprune.errors import ConfigError
 from llmprune.evaluate import predicting_positions
 from llmprune.progress import log, progress
 
@@ -56,10 +57,11 @@ def cpu_has_bf16() -> bool:
 def reuse_freed_cpu_memory() -> bool:
     """Keep freed CPU memory in the process for the next allocation (glibc only; True when it took effect).
 
-    glibc hands every freed block above 32 MB back to the OS and page-faults it in again at the next allocation; a
-    CPU training step allocates several logits-sized blocks (B x S x V floats: 200 MB for SmolLM2 at 4 x 256), and
-    that churn cost ~8% of a step (bench/distill_speed.py). Large blocks then come from the heap, which keeps its
-    freed memory; the process's resident size stays at its peak.
+    glibc hands every freed block above 32 MB back to the OS and page-faults it in again at the next allocation, and
+    trims the top of its heap when that is free; a CPU training step frees and allocates its activations (~1 GB for
+    SmolLM2 at 4 x 256) every step, and faulting pages in again costs more than the work on them (~2 s per GB
+    measured on a 2-core virtual machine). Large blocks then come from the heap, which keeps its freed memory: the
+    process's resident size stays at the peak of the steps (`release_freed_cpu_memory` gives it back after them).
     """
     m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters from glibc's malloc.h
     try:
@@ -67,6 +69,14 @@ def reuse_freed_cpu_memory() -> bool:
         return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
     except (OSError, AttributeError):  # not glibc (macOS, musl): the allocator keeps its defaults
         return False
+
+
+def release_freed_cpu_memory() -> None:
+    """Give the free parts of the CPU heap back to the OS (glibc's malloc_trim; nothing elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -80,14 +90,23 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_bf16() else None
 
 
-def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
-    """Micro-batches per optimizer step on each rank, so every step sees `global_batch` samples."""
-    per_step = micro_batch * world
-    if global_batch % per_step:
-        suggestion = per_step * max(1, round(global_batch / per_step))
-        raise ConfigError(f"distill.global_batch_size={global_batch} must be a multiple of distill.micro_batch_size="
-                          f"{micro_batch} x {world} processes; choose e.g. {suggestion}.")
-    return global_batch // (micro_batch * world)
+def batch_split(global_batch: int, micro_batch: int, world: int) -> tuple[int, int]:
+    """(micro-batch, micro-batches per optimizer step on each rank) so that every step sees `global_batch` samples.
+
+    The global batch defines the training trajectory; the micro-batch only how much of it is in memory at once. When
+    `micro_batch` x `world` does not divide it (a recipe's settings under another process count), the micro-batch
+    becomes the largest divisor of the per-rank share below it, and the log says so.
+    """
+    if global_batch % world:
+        raise ConfigError(f"distill.global_batch_size={global_batch} cannot be split evenly over {world} processes; "
+                          f"choose a multiple of {world}, e.g. {world * max(1, round(global_batch / world))}.")
+    share = global_batch // world
+    micro = max(d for d in range(1, min(micro_batch, share) + 1) if share % d == 0)
+    if micro != micro_batch:
+        log.info(f"distill: micro-batch {micro} instead of distill.micro_batch_size={micro_batch}, so that {world} "
+                 f"process(es) x {micro} x {share // micro} accumulation steps = distill.global_batch_size="
+                 f"{global_batch}")
+    return micro, share // micro
 
 
 def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
@@ -117,13 +136,29 @@ class StudentOutput(ModelOutput):
 
     logits: torch.Tensor | None = None
     states: list[torch.Tensor] | None = None
+    loss: torch.Tensor | None = None
+    parts: dict[str, torch.Tensor] | None = None
+
+
+def output_head(model: nn.Module) -> nn.Linear | None:
+    """The model's output layer where its logits are exactly `head(base_model(...).last_hidden_state)`, else None.
+
+    Models that scale or soft-cap their logits (Gemma, Cohere, Granite) are left to their own forward.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    post_processed = any(getattr(config, key, None) for key in ("final_logit_softcapping", "logit_scale",
+                                                                 "logits_scaling"))
+    return head if isinstance(head, nn.Linear) and hasattr(model, "base_model") and not post_processed else None
 
 
 class Student(nn.Module):
     """The student plus the learned projection of its hidden states onto the teacher's width.
 
     Called like a causal LM (`evaluate` takes it as is, which matters under FSDP, where only the root module may
-    run): returns `.logits` and `.states`, the projected outputs of `hidden_layers`.
+    run): returns `.logits` and `.states`, the projected outputs of `hidden_layers`. Given `head_loss`, it returns
+    `.loss` and `.parts` of `head_loss(hidden, output layer)` instead of logits, with `hidden` the final norm's
+    outputs at `logits_to_keep`: the loss then runs inside the forward of the module DDP and FSDP wrap.
     """
 
     def __init__(self, model: nn.Module, projection: nn.Module | None = None, hidden_layers: tuple[int, ...] = ()):
@@ -133,41 +168,99 @@ class Student(nn.Module):
         self.hidden_layers = hidden_layers
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                logits_to_keep: int | torch.Tensor = 0, **_):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                         output_hidden_states=bool(self.hidden_layers), logits_to_keep=logits_to_keep)
+                logits_to_keep: int | torch.Tensor = 0, head_loss: Callable | None = None, **_):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False,
+                  "output_hidden_states": bool(self.hidden_layers)}
+        if head_loss is None:
+            out = self.model(**kwargs, logits_to_keep=logits_to_keep)
+        else:
+            out = self.model.base_model(**kwargs)
         states = [out.hidden_states[j + 1] for j in self.hidden_layers]  # output of student layer j
         if self.projection is not None:
             states = [self.projection(s) for s in states]
-        return StudentOutput(logits=out.logits, states=states)
+        if head_loss is None:
+            return StudentOutput(logits=out.logits, states=states)
+        loss, parts = head_loss(out.last_hidden_state[:, logits_to_keep], output_head(self.model))
+        return StudentOutput(states=states, loss=loss, parts=parts)
 
 
-def distill_loss(teacher: nn.Module, cfg, teacher_layers: tuple[int, ...]):
-    """The configured mix of KD losses: (module, input_ids) -> (loss, {part: value})."""
+def logit_loss_parts(cfg) -> dict[str, float]:
+    """The configured logit losses and their weights."""
+    weights = {"kl": cfg.kl_weight, "reverse_kl": cfg.reverse_kl_weight, "topk_kl": cfg.topk_weight,
+               "lm": cfg.lm_weight}
+    return {name: w for name, w in weights.items() if w}
+
+
+def logit_losses(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, cfg) -> dict:
+    """{part: (weight, token-mean value)} of the logit losses on student and teacher logits (..., V)."""
+    parts = {}
+    for name, weight in logit_loss_parts(cfg).items():
+        if name == "kl":
+            value = losses.forward_kl(s, t, valid, cfg.temperature)
+        elif name == "reverse_kl":
+            value = losses.reverse_kl(s, t, valid, cfg.temperature)
+        elif name == "topk_kl":
+            value = losses.topk_kl(s, t, valid, cfg.topk, cfg.temperature)
+        else:
+            value = losses.lm_loss(s, labels, valid)
+        parts[name] = (weight, value)
+    return parts
+
+
+def distill_loss(teacher: nn.Module, cfg, teacher_layers: tuple[int, ...], chunked: bool = True,
+                 budgets: tuple[int, int] = (losses.HEAD_CHUNK_BYTES, losses.LOSS_CHUNK_BYTES)):
+    """The configured mix of KD losses: (module, input_ids) -> (loss, {part: value}).
+
+    `chunked` (where both output layers allow it, `output_head`): the logit losses run on chunks of positions
+    through both models' output layers (`losses.chunked_head_loss`, `budgets` of float32 logits per matmul and per
+    loss evaluation), so neither model's full (B, S-1, V) logits exist: for SmolLM2 at 4 x 256 tokens that spares
+    ~1 GB of logits, log-probabilities and their gradients a step, at the same speed. Value and gradient equal the
+    full-logits computation up to float rounding (tests/test_distill.py).
+    """
+    weights = logit_loss_parts(cfg)
+    t_head = output_head(teacher)
 
     def compute(module: nn.Module, ids: torch.Tensor):
         keep = predicting_positions(ids)
-        with torch.no_grad():
-            t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=bool(teacher_layers),
-                            logits_to_keep=keep)
-        student = module(ids, logits_to_keep=keep)
-        s, t = student.logits, t_out.logits  # (B, S-1, V)
-        valid = torch.ones(ids.shape[0], ids.shape[1] - 1, device=ids.device)
+        labels = ids[:, 1:]  # (B, S-1)
+        valid = torch.ones(labels.shape, device=ids.device)
+        student_model = getattr(module, "module", module).model  # DDP keeps the Student in .module
         parts = {}
-        if cfg.kl_weight:
-            parts["kl"] = (cfg.kl_weight, losses.forward_kl(s, t, valid, cfg.temperature))
-        if cfg.reverse_kl_weight:
-            parts["reverse_kl"] = (cfg.reverse_kl_weight, losses.reverse_kl(s, t, valid, cfg.temperature))
-        if cfg.topk_weight:
-            parts["topk_kl"] = (cfg.topk_weight, losses.topk_kl(s, t, valid, cfg.topk, cfg.temperature))
+        if chunked and weights and t_head is not None and output_head(student_model) is not None:
+            with torch.no_grad():
+                t_out = teacher.base_model(input_ids=ids, use_cache=False, output_hidden_states=bool(teacher_layers))
+                t_hidden = t_out.last_hidden_state[:, keep].flatten(0, 1)  # (N, H_teacher), N = B * (S-1)
+            flat_labels, flat_valid = labels.reshape(-1), valid.reshape(-1)
+            tokens = flat_valid.sum().clamp_min(1.0)
+
+            def chunk_loss(s: torch.Tensor, t: torch.Tensor, rows: slice):  # (m, V) student and teacher logits
+                share = flat_valid[rows].sum() / tokens  # a token mean over the rows -> their part of the mean
+                chunk = {k: (w, v * share) for k, (w, v) in
+                         logit_losses(s, t, flat_labels[rows], flat_valid[rows], cfg).items()}
+                return sum(w * v for w, v in chunk.values()), {k: v for k, (_, v) in chunk.items()}
+
+            def head_loss(hidden: torch.Tensor, head: nn.Linear):
+                # in the head's dtype, as the models' own forward casts it (Mamba2's gated norm returns float32)
+                return losses.chunked_head_loss(hidden.flatten(0, 1).to(head.weight.dtype), head, chunk_loss,
+                                                (t_hidden.to(t_head.weight.dtype), t_head), budgets)
+
+            student = module(ids, logits_to_keep=keep, head_loss=head_loss)
+            logit_total = student.loss
+            parts = {k: (weights[k], v) for k, v in student.parts.items()}
+        else:
+            with torch.no_grad():
+                t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=bool(teacher_layers),
+                                logits_to_keep=keep)
+            student = module(ids, logits_to_keep=keep)
+            parts = logit_losses(student.logits, t_out.logits, labels, valid, cfg)  # (B, S-1, V) each
+            logit_total = sum(w * v for w, v in parts.values())
+        total = logit_total
         if cfg.hidden_weight:
             t_states = [t_out.hidden_states[i + 1] for i in teacher_layers]
             every_position = torch.ones(ids.shape, device=ids.device)
             hidden = losses.hidden_state_loss(student.states, t_states, None, every_position, cfg.hidden_loss)
             parts["hidden"] = (cfg.hidden_weight, hidden)
-        if cfg.lm_weight:
-            parts["lm"] = (cfg.lm_weight, losses.lm_loss(s, ids[:, 1:], valid))
-        total = sum(w * v for w, v in parts.values())
+            total = total + cfg.hidden_weight * hidden
         return total, {k: v.detach() for k, (_, v) in parts.items()}
 
     return compute
@@ -197,9 +290,22 @@ def set_aside(ckpt_dir: Path, metrics_path: Path) -> None:
 
 
 def _read_metrics(path: Path, upto_step: int) -> list[dict]:
+    """The metric rows up to the checkpoint's step. Rows are appended one line at a time, so a kill during an append
+    can leave a torn last line: it is dropped (its step is past the checkpoint anyway); a bad line elsewhere is
+    damage this run did not make, and stops with the file named."""
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                log.warning(f"{path.name}: dropping a torn last line (an interrupted append)")
+                break
+            raise ConfigError(f"{path}: line {number} is not JSON ({err.msg}); delete the file (the metrics of "
+                              "earlier steps are lost, training resumes from its checkpoint) or fix the line.") from err
     return [r for r in rows if r["step"] <= upto_step]
 
 
@@ -233,10 +339,12 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
     device = next(module.parameters()).device
     ckpt_dir, metrics_path = run_dir / f"{name}_ckpt", run_dir / f"{name}_metrics.jsonl"
     world = world_size()
-    accum = accumulation_steps(cfg.global_batch_size, cfg.micro_batch_size, world)
+    micro_batch, accum = batch_split(cfg.global_batch_size, cfg.micro_batch_size, world)
     fsdp = is_distributed() and cfg.strategy == "fsdp"
-    if device.type == "cpu" and reuse_freed_cpu_memory():
-        log.info(f"{name}: freed CPU memory is kept for reuse (glibc mallopt), sparing page faults every step")
+    if device.type == "cpu":
+        release_freed_cpu_memory()  # what earlier stages left free, before the steps' memory is kept
+        if reuse_freed_cpu_memory():
+            log.info(f"{name}: freed CPU memory is kept for reuse (glibc mallopt), sparing page faults every step")
     trained = _sharded_replica(module, shard_units) if fsdp else module
     if fsdp:
         local = sum(p.to_local().numel() for p in trained.parameters())
@@ -274,12 +382,12 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
     trained.train()
     bar = progress(range(start, cfg.max_steps), total=cfg.max_steps - start, desc=name)
     started = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
     for step in bar:
-        optimizer.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
         for micro in range(accum):
-            first = step * cfg.global_batch_size + (micro * world + rank()) * cfg.micro_batch_size
-            ids = windows[[order(first + k) for k in range(cfg.micro_batch_size)]].to(device)
+            first = step * cfg.global_batch_size + (micro * world + rank()) * micro_batch
+            ids = windows[[order(first + k) for k in range(micro_batch)]].to(device)
             last = micro == accum - 1  # gradients are reduced across ranks once, after the last micro-batch
             if fsdp:
                 trained.set_requires_gradient_sync(last)
@@ -287,11 +395,16 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
                 with autocast():
                     loss, parts = compute_loss(wrapped, ids)
                 (loss / accum).backward()
-            for k, v in {"loss": loss.detach(), **parts}.items():
+            parts = {"loss": loss.detach(), **parts}
+            # the loss holds its graph's nodes, which would sit in the freed activations and split them until the
+            # next step's loss replaced it (~0.3 GB more resident memory for SmolLM2)
+            del loss
+            for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.float() / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]  # the rate this step used (scheduler.step() moves to the next one)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # here, so evaluation and checkpoints below run without them
         scheduler.step()
         keys = sorted(sums)
         reduced = all_reduce_sum(torch.stack([sums[k] for k in keys])) / world
@@ -316,6 +429,9 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
             save_checkpoint(ckpt_dir, step + 1, trained, optimizer, scheduler, {"fingerprint": fingerprint},
                             keep=cfg.keep_checkpoints)
     trained.eval()
+    del optimizer, scheduler
+    if device.type == "cpu":
+        release_freed_cpu_memory()  # the optimizer state and what the steps kept free
     if fsdp:  # whole tensors on every rank, into the unsharded module
         module.load_state_dict(get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True)))
         module.to(device).eval()

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from llmprune.data import Batch
 from llmprune.distributed import all_reduce_sum
+from llmprune.losses import LOSS_CHUNK_BYTES, head_chunks
 from llmprune.progress import progress
 
 
@@ -20,10 +21,13 @@ def predicting_positions(ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, batches: Iterable[Batch], teacher=None, desc: str = "evaluate") -> dict[str, float]:
+def evaluate(model, batches: Iterable[Batch], teacher=None, desc: str = "evaluate",
+             chunk_bytes: int = LOSS_CHUNK_BYTES) -> dict[str, float]:
     """Token-mean next-token loss, its perplexity, and (with a teacher) the mean KL(teacher || model) in nats.
 
-    Padding (attention_mask 0) never counts; sums are all-reduced across ranks.
+    Padding (attention_mask 0) never counts; sums are all-reduced across ranks. The per-token losses run on chunks
+    of positions of at most `chunk_bytes` of float32 logits, so the only (B, S-1, V) tensors are the two models'
+    logits themselves, not their float32 copies, log-probabilities and products.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -33,16 +37,21 @@ def evaluate(model, batches: Iterable[Batch], teacher=None, desc: str = "evaluat
         ids = batch.input_ids.to(device)
         mask = None if batch.attention_mask is None else batch.attention_mask.to(device)
         keep = predicting_positions(ids)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits.float()
-        valid = torch.ones_like(ids[:, 1:], dtype=torch.float32) if mask is None else mask[:, 1:].float()
-        nll = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(valid.shape)
-        totals[0] += (nll * valid).sum().double()
-        totals[2] += valid.sum().double()
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
+        t_logits = None
         if teacher is not None:
-            t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits.float()
-            t_logprobs = F.log_softmax(t_logits, dim=-1)
-            kl = (t_logprobs.exp() * (t_logprobs - F.log_softmax(logits, dim=-1))).sum(-1)  # (B, S-1)
-            totals[1] += (kl * valid).sum().double()
+            t_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
+        labels = ids[:, 1:].reshape(-1)  # (N,), N = B * (S-1)
+        valid = torch.ones_like(labels, dtype=torch.float32) if mask is None else mask[:, 1:].reshape(-1).float()
+        for rows in head_chunks(len(labels), logits.shape[-1], chunk_bytes):
+            s = logits.flatten(0, 1)[rows].float()  # (n, V)
+            nll = F.cross_entropy(s, labels[rows], reduction="none")
+            totals[0] += (nll * valid[rows]).sum().double()
+            if t_logits is not None:
+                t_logprobs = F.log_softmax(t_logits.flatten(0, 1)[rows].float(), dim=-1)
+                kl = (t_logprobs.exp() * (t_logprobs - F.log_softmax(s, dim=-1))).sum(-1)  # (n,)
+                totals[1] += (kl * valid[rows]).sum().double()
+        totals[2] += valid.sum().double()
     model.train(was_training)
     nll, kl, tokens = all_reduce_sum(totals).tolist()
     loss = nll / tokens

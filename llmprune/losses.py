@@ -20,19 +20,39 @@ def _flat(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     return flat if temperature == 1 else flat / temperature
 
 
+class _SoftTargetKL(torch.autograd.Function):
+    """KL(p || softmax(s)) per row, sum of p * (log p - log_softmax(s)), given log p; its gradient is softmax(s) - p.
+
+    The gradient is written over log_softmax(s) in place and is all backward keeps: one (N, V) tensor, where autograd
+    through the formula keeps three. The sum over the vocabulary runs on the difference of the log-probabilities, not
+    as a cross entropy minus an entropy, whose float32 rounding errors (~1e-4 of each at 49,152 entries) would not
+    cancel in the difference.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target_log):  # (N, V) float32 each
+        log_q = torch.log_softmax(logits, dim=-1)
+        p = target_log.exp()
+        per_row = (target_log - log_q).mul_(p).sum(-1)  # (N,)
+        ctx.save_for_backward(log_q.exp_().sub_(p))
+        return per_row
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_rows.unsqueeze(1), None
+
+
 def forward_kl(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, temperature: float = 1.0):
     """KL(teacher || student) on temperature-softened distributions, times T^2 (Hinton et al., 2015).
 
-    Computed as the cross entropy from the teacher's distribution minus the teacher's entropy: the same value and
-    gradient as the definition, but the student side is one fused log-softmax + soft-target NLL, which keeps a
-    distillation step within a few percent of a plain forward + backward (bench/distill_speed.py).
+    One fused log-softmax, KL and gradient on the student side (`_SoftTargetKL`), which keeps a distillation step
+    within a few percent of a plain forward + backward (bench/distill_speed.py).
     """
     with torch.no_grad():
         t_log = F.log_softmax(_flat(teacher, temperature), dim=-1)  # (N, V)
-        t_prob = t_log.exp()
-        entropy = -torch.bmm(t_prob.unsqueeze(1), t_log.unsqueeze(2)).view(-1)  # (N,), without an (N, V) product
-    cross = F.cross_entropy(_flat(student, temperature), t_prob, reduction="none")  # (N,)
-    return _token_mean((cross - entropy).view(valid.shape), valid) * temperature**2
+    per_token = _SoftTargetKL.apply(_flat(student, temperature), t_log)  # (N,)
+    return _token_mean(per_token.view(valid.shape), valid) * temperature**2
 
 
 def reverse_kl(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, temperature: float = 1.0):
@@ -55,6 +75,109 @@ def lm_loss(student: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor):
     # a contiguous (B*S, V) view: cross_entropy over a transposed (B, V, S) tensor is several times slower on CPU
     nll = F.cross_entropy(_flat(student), labels.reshape(-1), reduction="none")
     return _token_mean(nll.view(labels.shape), valid)  # (B, S)
+
+
+# float32 logits per output-layer matmul and per loss evaluation (170 and 42 positions for a 49,152 vocabulary), chosen
+# on SmolLM2 at 4 x 256 tokens: the step is as fast as with full logits, and the loss holds ~0.2 GB at once instead of
+# ~1.2 GB (bench/memory_default.py).
+HEAD_CHUNK_BYTES = 32 * 2**20
+LOSS_CHUNK_BYTES = 8 * 2**20
+
+
+def head_chunks(rows: int, vocab: int, budget_bytes: int = HEAD_CHUNK_BYTES) -> list[slice]:
+    """Row slices of at most `budget_bytes` of float32 logits each (>= 1 row)."""
+    size = max(1, budget_bytes // (4 * vocab))
+    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """loss(hidden @ W.T + b) over row chunks, its gradient taken chunk by chunk in forward.
+
+    Each chunk's logits come from one matmul (large enough to run at full speed), the loss and its gradient then
+    run on sub-chunks of a few positions, and the gradient overwrites the logits in place; only one chunk of logits
+    exists at a time. What is kept for backward is the gradient itself ((N, H) for the hidden states, (V, H) for W),
+    so nothing is recomputed: forward does the head matmul and the two gradient matmuls a plain forward + backward
+    would do (the idea of Liger-Kernel's fused linear cross entropy, arXiv:2410.10989). Matmuls run under the
+    caller's autocast, as the plain head's would; the gradients of W and b accumulate in their own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, chunk_loss, teacher, budgets):
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None  # (N, H)
+        grad_weight = torch.zeros_like(weight) if need_weight else None  # (V, H)
+        grad_bias = torch.zeros_like(bias) if need_bias else None  # (V,)
+        total, parts = hidden.new_zeros((), dtype=torch.float32), {}
+        for rows in head_chunks(hidden.shape[0], weight.shape[0], budgets[0]):
+            h = hidden[rows]  # (n, H)
+            logits = F.linear(h, weight, bias)  # (n, V); forward runs without autograd
+            t_logits = None if teacher is None else F.linear(teacher[0][rows], teacher[1].weight, teacher[1].bias)
+            for sub in head_chunks(len(h), weight.shape[0], budgets[1]):
+                s = logits[sub].detach().requires_grad_()  # (m, V)
+                with torch.enable_grad():
+                    loss, sub_parts = chunk_loss(s, None if t_logits is None else t_logits[sub],
+                                                 slice(rows.start + sub.start, rows.start + sub.stop))
+                with torch.autocast(s.device.type, enabled=False):  # backward runs outside autocast, as usual
+                    (grad,) = torch.autograd.grad(loss, s, allow_unused=True)  # (m, V)
+                logits[sub] = 0 if grad is None else grad  # the chunk's logits become its gradient
+                total += loss.detach().float()
+                for name, value in sub_parts.items():
+                    parts[name] = parts.get(name, 0.0) + value.detach().float()
+            del t_logits
+            if grad_hidden is not None:
+                grad_hidden[rows] = logits @ weight  # under autocast W is cast (and cached) as for the plain head
+            if grad_weight is not None:
+                if logits.dtype == grad_weight.dtype:
+                    grad_weight.addmm_(logits.t(), h)
+                else:  # autocast: the low-precision product, summed in W's dtype
+                    grad_weight += logits.t() @ h
+            if grad_bias is not None:
+                grad_bias += logits.sum(0)
+        ctx.grads = grad_hidden, grad_weight, grad_bias  # attributes, not saved tensors: backward hands them over
+        values = [parts[k] for k in sorted(parts)]
+        ctx.mark_non_differentiable(*values)
+        return (total, *values)
+
+    @staticmethod
+    def backward(ctx, grad_total, *_):
+        grads = ctx.grads
+        del ctx.grads  # AccumulateGrad then takes a tensor nobody else holds, without copying it
+        return (*(None if g is None else g.mul_(grad_total) for g in grads), None, None, None)
+
+
+def chunked_head_loss(hidden: torch.Tensor, head: nn.Module, chunk_loss, teacher=None,
+                      budgets: tuple[int, int] = (HEAD_CHUNK_BYTES, LOSS_CHUNK_BYTES)):
+    """A loss of the logits `head(hidden)` computed on chunks of rows, so the full (N, V) logits never exist at once.
+
+    Args:
+        hidden: (N, H) inputs of the output layer (the final norm's outputs at the positions that predict a token).
+        head: the output layer (an nn.Linear: W (V, H), optional bias).
+        chunk_loss: (logits (m, V), teacher logits (m, V) or None, rows: slice) -> (these rows' share of the loss,
+            {part: its share}); the shares must add up to the loss over all rows (a token mean: the rows' mean times
+            their tokens / all tokens).
+        teacher: optional (teacher hidden (N, H_t), teacher output layer): its logits of the same rows, without
+            gradient, are computed chunk by chunk alongside.
+        budgets: float32 logits per output-layer matmul and per loss evaluation (head_chunks).
+
+    Returns:
+        (loss, {part: value}) with the value and gradient of the unchunked computation up to float rounding.
+    """
+    if not torch.is_grad_enabled():  # evaluation: the chunks' losses, no gradients
+        shares = []
+        for rows in head_chunks(hidden.shape[0], head.weight.shape[0], budgets[1]):
+            t = None if teacher is None else F.linear(teacher[0][rows], teacher[1].weight, teacher[1].bias)
+            shares.append(chunk_loss(F.linear(hidden[rows], head.weight, head.bias), t, rows))
+        return sum(loss for loss, _ in shares), {k: sum(p[k] for _, p in shares) for k in shares[0][1]}
+    names = []
+
+    def record_names(logits, t_logits, rows):
+        loss, parts = chunk_loss(logits, t_logits, rows)
+        if not names:
+            names.extend(sorted(parts))
+        return loss, parts
+
+    total, *values = _ChunkedHeadLoss.apply(hidden, head.weight, head.bias, record_names, teacher, budgets)
+    return total, dict(zip(names, values))
 
 
 def hidden_state_loss(student_states, teacher_states, projection: nn.Module, valid: torch.Tensor,

@@ -24,14 +24,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_run_overrides
+from conftest import tiny_batch, tiny_model, tiny_run_overrides
 from hub_standin import HubStandin
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import llmprune
 from llmprune import ConfigError, PruningPlan, losses
-from llmprune.distill import SampleOrder, accumulation_steps, lr_factor
+from llmprune.config import DistillConfig
+from llmprune.data import to_batches
+from llmprune.distill import SampleOrder, Student, batch_split, distill_loss, lr_factor
+from llmprune.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "smollm2_minitron"
@@ -193,6 +196,96 @@ def test_channel_projection_puts_each_kept_channel_back_in_its_place():
     assert torch.equal(identity.weight, torch.eye(6))
 
 
+# -- chunked logit losses: the step never holds (B, S-1, V) logits ------------------------------------------------
+EVERY_LOSS = {"kl_weight": 1.0, "reverse_kl_weight": 0.5, "topk": 16, "topk_weight": 0.5, "lm_weight": 0.1,
+              "hidden_weight": 0.1, "temperature": 2.0}
+ROW = 4 * 128  # bytes of one position's float32 logits over the tiny vocabulary
+BUDGETS = (10 * ROW, 3 * ROW)  # 45 positions: matmuls over 10, 10, 10, 10, 5 rows; losses over 3, 3, 3, 1 / 3, 2
+
+
+def distill_step(tie: bool, chunked: bool, autocast: torch.dtype | None = None, settings=EVERY_LOSS):
+    """(loss, parts, {name: grad}, lm_head calls) of one distill_loss forward + backward on tiny llamas."""
+    teacher = tiny_model("llama", tie_word_embeddings=tie).requires_grad_(False)
+    student = tiny_model("llama", seed=1, hidden_size=24, intermediate_size=40, tie_word_embeddings=tie).train()
+    layers = (0, 2) if settings.get("hidden_weight") else ()
+    module = Student(student, losses.channel_projection(24, 48, list(range(0, 48, 2))) if layers else None, layers)
+    calls = []
+    for model in (teacher, student):
+        model.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    cfg = SimpleNamespace(**{**vars(DistillConfig()), **settings})
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        loss, parts = distill_loss(teacher, cfg, layers, chunked, BUDGETS)(module, tiny_batch(3, 16))
+    loss.backward()
+    return loss.detach(), parts, {n: p.grad for n, p in module.named_parameters()}, len(calls)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["separate_head", "tied_head"])
+def test_chunked_logit_losses_equal_the_full_logits_in_value_and_gradient(tie):
+    """Chunked (the default): both output layers run on 10 positions at a time, the losses and their gradient on 3,
+    so neither model's full logits exist; every loss part and every gradient equals the computation on full logits
+    up to float32 rounding."""
+    loss, parts, grads, full_calls = distill_step(tie, chunked=False)
+    c_loss, c_parts, c_grads, chunked_calls = distill_step(tie, chunked=True)
+    assert (full_calls, chunked_calls) == (2, 0)  # the chunked path never calls lm_head on the whole sequence
+    torch.testing.assert_close(c_loss, loss, rtol=1e-6, atol=1e-7)
+    assert c_parts.keys() == parts.keys() == {"kl", "reverse_kl", "topk_kl", "lm", "hidden"}, c_parts.keys()
+    for name in parts:
+        torch.testing.assert_close(c_parts[name], parts[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert c_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        assert grad is not None and c_grads[name] is not None, name
+        torch.testing.assert_close(c_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_chunked_logit_losses_under_bf16_autocast_stay_within_bf16_rounding():
+    """Under bf16 autocast both paths compute the same bf16 logits; the chunked weight gradient sums per-chunk bf16
+    products in float32 instead of rounding one product, so gradients agree to bf16 precision."""
+    loss, parts, grads, _ = distill_step(False, chunked=False, autocast=torch.bfloat16, settings={})
+    c_loss, c_parts, c_grads, _ = distill_step(False, chunked=True, autocast=torch.bfloat16, settings={})
+    torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        relative = float((c_grads[name] - grad).norm() / grad.norm())
+        assert relative < 1e-2, (name, relative)
+
+
+def test_chunked_head_loss_with_a_bias_and_without_gradients():
+    """An output layer with a bias (GPT-J): value and the gradients of input, weight and bias equal plain autograd's;
+    under no_grad the chunks only add up the loss."""
+    g = torch.Generator().manual_seed(11)
+    head = torch.nn.Linear(6, 13)
+    hidden = torch.randn(14, 6, generator=g, requires_grad=True)
+    labels = torch.randint(0, 13, (14,), generator=g)
+
+    def chunk_loss(chunk_logits, no_teacher, rows):
+        assert no_teacher is None
+        loss = F.cross_entropy(chunk_logits, labels[rows], reduction="sum") / len(labels)
+        return loss, {"lm": loss}
+
+    plain = F.cross_entropy(head(hidden), labels)
+    expected = torch.autograd.grad(plain, (hidden, head.weight, head.bias))
+    budgets = (5 * 4 * 13, 2 * 4 * 13)  # 14 rows: matmuls over 5, 5, 4; losses over 2, 2, 1 / 2, 2, 1 / 2, 2
+    loss, parts = losses.chunked_head_loss(hidden, head, chunk_loss, budgets=budgets)
+    torch.testing.assert_close(loss, plain)
+    torch.testing.assert_close(parts["lm"], plain)
+    for got, want in zip(torch.autograd.grad(loss, (hidden, head.weight, head.bias)), expected):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        loss, parts = losses.chunked_head_loss(hidden, head, chunk_loss, budgets=budgets)
+    torch.testing.assert_close(loss, plain.detach())
+    assert losses.head_chunks(14, 13, 3 * 4 * 13) == [slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 12),
+                                                       slice(12, 14)]
+
+
+def test_evaluate_in_chunks_of_positions_equals_one_chunk():
+    teacher, student = tiny_model("llama"), tiny_model("llama", seed=1)
+    batches = to_batches(tiny_batch(4, 16), 2)
+    whole = evaluate(student, batches, teacher=teacher, chunk_bytes=2**30)
+    chunked = evaluate(student, batches, teacher=teacher, chunk_bytes=5 * ROW)
+    assert chunked["tokens"] == whole["tokens"] == 60
+    for key in ("loss", "kl_to_teacher"):
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-6), key
+
+
 # -- schedule, accumulation, sample order ---------------------------------------------------------------------------
 def test_lr_factor_warmup_then_cosine_to_the_floor():
     warmup, steps, floor = 4, 14, 0.1
@@ -206,15 +299,16 @@ def test_lr_factor_warmup_then_cosine_to_the_floor():
     assert lr_factor(0, 0, 10, 0.0) == 1.0  # no warmup
 
 
-def test_accumulation_steps_derived_from_the_global_batch():
-    assert accumulation_steps(32, 4, 1) == 8
-    assert accumulation_steps(32, 4, 2) == 4
-    assert accumulation_steps(4, 2, 2) == 1
-    with pytest.raises(ConfigError) as err:
-        accumulation_steps(6, 4, 1)
-    assert "distill.global_batch_size=6" in str(err.value) and "distill.micro_batch_size=4" in str(err.value)
-    with pytest.raises(ConfigError, match=r"distill.global_batch_size=6 .* x 4 processes; choose e.g. 8"):
-        accumulation_steps(6, 2, 4)
+def test_batch_split_keeps_the_global_batch_and_derives_a_micro_batch_that_divides_it():
+    assert batch_split(32, 4, 1) == (4, 8)
+    assert batch_split(32, 4, 2) == (4, 4)
+    assert batch_split(4, 2, 2) == (2, 1)
+    assert batch_split(4, 4, 2) == (2, 1)  # the default recipe under 2-process torchrun
+    assert batch_split(6, 4, 1) == (3, 2)
+    assert batch_split(12, 8, 2) == (6, 1)
+    with pytest.raises(ConfigError, match=r"distill.global_batch_size=6 cannot be split evenly over 4 processes; "
+                                          r"choose a multiple of 4, e.g. 8"):
+        batch_split(6, 2, 4)
 
 
 def test_sample_order_is_a_seeded_permutation_per_epoch():
@@ -374,9 +468,12 @@ def test_sigkilled_run_resumes_to_the_same_weights_as_an_uninterrupted_one(refer
     assert not (out / "final").exists() and int(killed_at.removeprefix("step_")) < STEPS, \
         f"the run finished before it was killed ({killed_at}): nothing would be resumed"
 
+    with (out / "distill_metrics.jsonl").open("a") as f:  # as a kill in the middle of an append leaves it
+        f.write('{"step": 99, "lo')
     resumed = llmprune_cli(args, tmp_path, env())
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "distill: resuming from" in resumed.stderr, resumed.stderr[-4000:]
+    assert "dropping a torn last line" in resumed.stderr
     expected, got = weights(reference.out / "final"), weights(out / "final")
     assert expected.keys() == got.keys()
     different = [k for k in expected if not torch.equal(expected[k], got[k])]
@@ -545,3 +642,14 @@ def test_teacher_correction_fine_tunes_the_teacher_first(reference, tmp_path):
     llmprune.run(RECIPE, overrides(reference.model_dir, out, **{**correction, "distill.teacher_correction_lr": 5e-4}))
     assert (out / "correct_ckpt.previous" / "latest").exists()
     assert metrics(out, "correct")[0]["lr"] == pytest.approx(5e-4 * lr_factor(0, 4, 4, 0.1))
+
+
+def test_metrics_with_a_bad_line_before_the_last_name_the_file(tmp_path):
+    from llmprune.distill import _read_metrics
+
+    path = tmp_path / "distill_metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
+    with pytest.raises(ConfigError, match="distill_metrics.jsonl: line 2 is not JSON"):
+        _read_metrics(path, 3)
+    path.write_text('{"step": 1}\n{"step": 2}\n{"ste')
+    assert _read_metrics(path, 5) == [{"step": 1}, {"step": 2}]
