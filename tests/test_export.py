@@ -63,7 +63,8 @@ def test_llama_to_mistral_fallback_is_exact_and_reported(tmp_path, tied):
     assert written in (run_dir / "report.md").read_text()
     assert written in (run_dir / "pruned" / "README.md").read_text()
     for stage in ("pruned", "final"):
-        assert report["export_check"][stage] == {"reloaded_class": "MistralForCausalLM", "max_abs_logit_diff": 0.0}
+        assert report["export_check"][stage] == {"reloaded_class": "MistralForCausalLM", "max_abs_logit_diff": 0.0,
+                                                   "generated_tokens": 4}
 
     reloaded = AutoModelForCausalLM.from_pretrained(run_dir / "pruned").eval()
     assert type(reloaded) is transformers.MistralForCausalLM

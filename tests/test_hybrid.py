@@ -14,7 +14,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 from conftest import HYBRID_PATTERN, save_tiny, tiny_batch, tiny_run_overrides, tiny_ssm_model
 from test_mamba import assert_close, blocks, greedy_without_cache, hand_scores, logits_of, plan_for, real_param_count
@@ -25,7 +24,6 @@ from llmprune.adapters import get_adapter
 from llmprune.data import Batch
 from llmprune.export.hf import exportable_model
 from llmprune.importance.activation import activation_scores
-from llmprune.importance.depth import removal_scores
 from llmprune.plan import PlanError, PruningPlan, make_plan
 
 MLP_LAYERS, ATTENTION_LAYERS, MAMBA_LAYERS = [1, 3], [2, 5], [0, 4]  # HYBRID_PATTERN: M - * - M *
@@ -77,42 +75,6 @@ def test_depth_keeps_the_layer_pattern_and_skips_the_removed_layers(tmp_path):
     prompt = tiny_batch(1, 10, seed=2)
     generated = reloaded.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=1)
     assert torch.equal(generated, greedy_without_cache(model, prompt, 5))
-
-
-def test_removing_every_attention_layer_warns_about_stock_generate(llmprune_log):
-    model = tiny_ssm_model("nemotron_h")
-    adapter = get_adapter(model)
-    model = adapter.apply(plan_for(adapter, drop_one_scores(adapter, ATTENTION_LAYERS), {"num_layers": 4}))
-    assert any("removes every attention layer" in line and "use_cache=False" in line for line in llmprune_log)
-    assert model.config.layers_block_type == ["linear_attention", "mlp", "mlp", "linear_attention"]
-    prompt = tiny_batch(1, 8)
-    out = model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=1, use_cache=False)
-    assert out.shape == (1, 11)
-
-
-@pytest.mark.parametrize("padded", [False, True], ids=["packed", "padded"])
-def test_drop_one_scores_are_the_loss_increase_of_skipping_each_layer(padded):
-    """The depth search restarts each candidate from a recorded input with each layer's own recorded kwargs (a
-    Mamba layer gets the recurrent mask, an attention layer the causal one); it must equal a full re-run."""
-    model = tiny_ssm_model("nemotron_h")
-    adapter = get_adapter(model)
-    ids = tiny_batch(2, 16, seed=6)
-    mask = None
-    if padded:
-        mask = torch.ones_like(ids)
-        mask[1, 12:] = 0
-
-    def loss(m) -> float:
-        logits = m(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        valid = torch.ones_like(nll) if mask is None else mask[:, 1:].float()
-        return float((nll * valid).sum() / valid.sum())
-
-    with torch.no_grad():
-        scores = removal_scores(model, adapter, [Batch(ids, mask)], "lm_loss")["depth.drop_one.lm_loss"]
-        base = loss(model)
-        expected = torch.tensor([loss(skipping(model, [i])) - base for i in range(len(HYBRID_PATTERN))])
-    assert torch.allclose(scores, expected, atol=1e-5), (scores, expected)
 
 
 def test_python_api_prunes_a_hybrid_in_one_call():
@@ -337,3 +299,20 @@ def test_published_targets_fit_the_real_architecture(recipe):
                                                "full_attention"]
     to_save, written = exportable_model(model, adapter, cfg.export.architecture)
     assert to_save is model and written.startswith(architecture), written
+
+
+def test_depth_pruning_that_removes_every_attention_layer_is_refused():
+    """Stock transformers cannot generate with its cache from a hybrid without attention layers."""
+    model = tiny_ssm_model("nemotron_h")
+    adapter = get_adapter(model)
+    attention = [i for i, kind in enumerate(adapter.layer_types) if kind == "full_attention"]
+    scores = hand_scores(adapter)
+    drop = len(attention)
+    removal = torch.ones(len(adapter.layer_types))
+    removal[attention] = 0  # the attention layers are the cheapest to remove
+    scores["depth.drop_one.lm_loss"] = removal
+    with pytest.raises(PlanError, match="removes every attention layer of this hybrid"):
+        plan_for(adapter, scores, {"num_layers": len(adapter.layer_types) - drop})
+    removal[attention[0]] = 2  # now the first attention layer stays
+    plan = plan_for(adapter, scores, {"num_layers": len(adapter.layer_types) - drop})
+    assert attention[0] in plan.kept_layers

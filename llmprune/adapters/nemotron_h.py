@@ -144,16 +144,7 @@ class NemotronHAdapter(HFAdapter):
             out["hidden"].append((self.model.lm_head, "in"))
         return out
 
-    # -- parameter count ---------------------------------------------------------------------------------------
-
-    # -- pruning -----------------------------------------------------------------------------------------------
-    def check_plan(self, plan) -> None:
-        types = self.layer_types
-        if ATTENTION in types and not any(types[i] == ATTENTION for i in plan.kept_layers):
-            log.warning("nemotron_h: the plan removes every attention layer. Stock transformers (5.x) then cannot "
-                        "generate() with a cache (DynamicCache.get_seq_length needs an attention layer); forward "
-                        "passes and generate(use_cache=False) work. Keep an attention layer to avoid this.")
-
+    # -- pruning (a plan that removes every attention layer is refused by make_plan) ------------------------------
     @staticmethod
     def rewrite_config(c, target: dict[str, int], kept_layers: list[int], eps_scale: float = 1.0) -> None:
         """Set config `c` to the pruned shape; layers_block_type (num_hidden_layers follows it) keeps the kept

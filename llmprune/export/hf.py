@@ -113,15 +113,23 @@ def save_hf(model, tokenizer, out_dir: Path, extra_files: dict[str, str] | None 
     atomic_directory(out_dir, write)
 
 
+GENERATE_CHECK_TOKENS = 4
+
+
 @torch.no_grad()
 def verify_export(out_dir: Path, reference, input_ids: torch.Tensor) -> dict:
-    """Reload `out_dir` with stock AutoModelForCausalLM and compare its logits with `reference`'s."""
+    """Reload `out_dir` with stock AutoModelForCausalLM, compare its logits with `reference`'s, and generate a few
+    tokens with its default cache, as users run it (a plain forward without a cache can pass where generate()
+    fails: a hybrid without attention layers)."""
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=reference.dtype).to(input_ids.device).eval()
     expected = reference(input_ids=input_ids, use_cache=False).logits.float()
     got = reloaded(input_ids=input_ids, use_cache=False).logits.float()
-    return {"reloaded_class": type(reloaded).__name__, "max_abs_logit_diff": float((got - expected).abs().max())}
+    generated = reloaded.generate(input_ids[:1, :8], max_new_tokens=GENERATE_CHECK_TOKENS, do_sample=False,
+                                  pad_token_id=reloaded.config.eos_token_id)
+    return {"reloaded_class": type(reloaded).__name__, "max_abs_logit_diff": float((got - expected).abs().max()),
+            "generated_tokens": int(generated.shape[1] - min(8, input_ids.shape[1]))}
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool = True, endpoint: str | None = None,

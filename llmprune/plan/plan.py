@@ -179,6 +179,16 @@ def choose_layers(scores: dict[str, torch.Tensor], num_layers: int, keep: int, m
             "removed_scores": removed_scores}
 
 
+def _check_attention_kept(layer_types: list[str], kept_layers: list[int], depth: dict) -> None:
+    """A hybrid keeps at least one attention layer: without one, stock transformers' cache fails on generate()
+    ("get_seq_length can only be called on Attention layers"), though a forward without a cache still runs."""
+    attention = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
+    if attention and not any(i in kept_layers for i in attention):
+        raise PlanError(f"depth pruning ({depth['method']}) removes every attention layer of this hybrid (layers "
+                        f"{attention}); stock transformers cannot generate with its cache without one. Keep more "
+                        "layers (raise prune.export_config.num_layers) or choose another prune.depth.method.")
+
+
 def _scored_layers(scores: dict[str, torch.Tensor], name: str, kept_layers: list[int], num_layers: int) -> list[int]:
     """The kept layers that have a `{name}.{i}` score: a hybrid scores FFN neurons only on its MLP layers, heads
     only on its attention layers. Raises PlanError when no layer at all has one (calibration did not score it)."""
@@ -215,6 +225,7 @@ def make_plan(family: str, scores: dict[str, torch.Tensor], dims: dict[str, int]
     kept_layers = depth.pop("kept")
     if layer_types is not None:
         depth["removed_types"] = [layer_types[i] for i in depth["removed"]]
+        _check_attention_kept(layer_types, kept_layers, depth)
     plan = PruningPlan(family=family, original=dict(dims), target=target, kept_layers=kept_layers,
                        rescale_norms=rescale_norms, depth=depth)
     summary: dict[str, float | None] = {}
