@@ -248,6 +248,10 @@ class DistillConfig:
     eval_every / save_every / keep_checkpoints: held-out evaluation and checkpoint cadence; checkpoints kept.
     teacher_correction_steps / teacher_correction_lr: first fine-tune the teacher on the distillation data
         for this many steps (0 skips; arXiv:2408.11796 Sec. 2).
+    teacher_cache: compute the teacher's top-k logits (topk) of every training window once, into
+        <output_dir>/teacher_cache/ (resumable; rebuilt when the data, the teacher or topk change), and distil from
+        them with the teacher released from memory; top-k KL (+ LM) losses only; held-out evaluation then reports
+        perplexity, not KL to the teacher.
     """
 
     max_steps: int = 0
@@ -274,6 +278,7 @@ class DistillConfig:
     keep_checkpoints: int = 2
     teacher_correction_steps: int = 0
     teacher_correction_lr: float = 1e-5
+    teacher_cache: bool = False
 
 
 @dataclass
@@ -297,6 +302,9 @@ class ExportConfig:
     push_to_hub / repo_id / private: upload final/ (or pruned/ without distillation) with huggingface_hub; the
         token comes from HF_TOKEN or the huggingface-cli login.
     hub_endpoint: another Hub endpoint (a mirror or a local stand-in); null uses HF_ENDPOINT or the public Hub.
+    formats: what each stage writes: [hf] or [hf, gguf]; gguf adds <stage>/model.gguf for llama.cpp (llama,
+        mistral, qwen2, qwen3 with a byte-level BPE tokenizer; needs the gguf extra).
+    gguf_type: f32 | f16 | bf16 | q8_0 (Q8_0 via gguf.quants; norms and biases stay f32).
     """
 
     architecture: str = "auto"
@@ -306,6 +314,8 @@ class ExportConfig:
     repo_id: str | None = None
     private: bool = True
     hub_endpoint: str | None = None
+    formats: list[str] = field(default_factory=lambda: ["hf"])
+    gguf_type: str = "f16"
 
 
 @dataclass
@@ -371,6 +381,7 @@ CHOICES = {
     "search.memory_dtype": ("float32", "bfloat16", "float16", "int8"),
     "search.pick": ("knee", "best_under_budget"),
     "export.architecture": ("auto", "keep"),
+    "export.gguf_type": ("f32", "f16", "bf16", "q8_0"),
     "distill.precision": ("auto", "bf16", "fp32"),
     "distill.hidden_loss": ("cosine", "mse"),
     "distill.strategy": ("ddp", "fsdp"),

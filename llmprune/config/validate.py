@@ -53,10 +53,13 @@ def validate(cfg: DictConfig) -> None:
         problems.append("distill.lr and distill.temperature must be positive.")
     if d.teacher_correction_steps < 0:
         problems.append(f"distill.teacher_correction_steps={d.teacher_correction_steps} must be 0 or more.")
+    if d.teacher_cache:
+        problems += _teacher_cache_problems(cfg)
     if cfg.export.push_to_hub and not cfg.export.repo_id:
         problems.append("export.push_to_hub=true needs export.repo_id=<user or org>/<name>.")
     if not str(cfg.output_dir).strip():
         problems.append("output_dir is empty; set output_dir=<path>.")
+    problems += _format_problems(cfg)
     if cfg.backend == "megatron":
         problems += _megatron_problems(cfg)
     problems += _mode_problems(cfg)
@@ -76,6 +79,48 @@ def validate(cfg: DictConfig) -> None:
         problems.append(f"model.streaming_memory_fraction={cfg.model.streaming_memory_fraction} must lie in (0, 1].")
     if problems:
         raise ConfigError("Invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _teacher_cache_problems(cfg: DictConfig) -> list[str]:
+    """distill.teacher_cache keeps only the teacher's top-k logits: top-k KL must be on, and the losses that need
+    the whole teacher (its full distribution, its hidden states) off."""
+    d, problems = cfg.distill, []
+    if d.topk_weight <= 0 or d.topk < 1:
+        problems.append(f"distill.teacher_cache=true stores the teacher's top-k logits and trains on top-k KL; set "
+                        f"distill.topk_weight > 0 and distill.topk >= 1 (now {d.topk_weight} and {d.topk}).")
+    whole = [f"distill.{k}={d[k]}" for k in ("kl_weight", "reverse_kl_weight", "hidden_weight") if d[k] > 0]
+    if whole:
+        problems.append(f"distill.teacher_cache=true keeps only the teacher's top-k logits, but {', '.join(whole)} "
+                        "need(s) the teacher itself; set them to 0 (or distill.teacher_cache=false).")
+    if cfg.prune.mode != "minitron":
+        problems.append(f"distill.teacher_cache=true is for prune.mode=minitron (prune.mode={cfg.prune.mode}).")
+    return problems
+
+
+EXPORT_FORMATS = ("hf", "gguf")
+
+
+def _format_problems(cfg: DictConfig) -> list[str]:
+    """export.formats: known names, hf always (the stage directory is the Hugging Face export; gguf adds a file to
+    it), gguf for in-memory llama-like models only (the family is known here from a local config.json; otherwise
+    export checks it)."""
+    formats = list(cfg.export.formats)
+    problems = [f"export.formats: '{f}' is not one of: {', '.join(EXPORT_FORMATS)}." for f in formats
+                if f not in EXPORT_FORMATS]
+    if "hf" not in formats:
+        problems.append(f"export.formats={formats} must contain hf (e.g. export.formats=[hf,gguf]).")
+    config_json = Path(str(cfg.model.path)).expanduser() / "config.json"
+    if "gguf" in formats and config_json.is_file():
+        from llmprune.export.gguf import check_gguf_family
+
+        try:
+            check_gguf_family(json.loads(config_json.read_text()).get("model_type"))
+        except ConfigError as err:
+            problems.append(str(err))
+    if "gguf" in formats and cfg.model.streaming is True:
+        problems.append("export.formats contains gguf, which is written from the model in memory; set "
+                        "model.streaming=false (or export.formats=[hf]).")
+    return problems
 
 
 MEGATRON_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")

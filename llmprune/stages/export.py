@@ -10,6 +10,8 @@ import torch
 from omegaconf import DictConfig
 
 from llmprune.distributed import barrier, is_rank_zero
+from llmprune.errors import ConfigError
+from llmprune.export.gguf import check_gguf_exportable, write_gguf
 from llmprune.export.hf import atomic_directory, export_architecture, exportable_model, save_hf, verify_export
 from llmprune.plan import PruningPlan
 from llmprune.pruning.apply import pruned_config
@@ -28,11 +30,17 @@ def _extra_files(run_dir: Path, report: dict, name: str) -> dict[str, str]:
 
 def export_stage(name: str, model, adapter, tokenizer, run_dir: Path, export: DictConfig, report: dict,
                  probe: torch.Tensor) -> str:
-    """Write run_dir/<name> (rank zero), verify the reload; returns which architecture was written."""
+    """Write run_dir/<name> (rank zero; with gguf in export.formats also <name>/model.gguf), verify the reload;
+    returns which architecture was written."""
+    if "gguf" in export.formats:
+        check_gguf_exportable(model, tokenizer)  # before the Hugging Face export, not half-way through
     to_save, architecture = exportable_model(model, adapter, export.architecture)
     report["architecture_written"] = architecture
     if is_rank_zero():
         save_hf(to_save, tokenizer, run_dir / name, _extra_files(run_dir, report, name), export.max_shard_size)
+        if "gguf" in export.formats:
+            report.setdefault("gguf", {})[name] = write_gguf(to_save, tokenizer, run_dir / name / "model.gguf",
+                                                             export.gguf_type)
         if export.verify:
             report.setdefault("export_check", {})[name] = verify_export(run_dir / name, model, probe)
     barrier()
@@ -45,6 +53,10 @@ def export_streaming(name: str, stream, plan: PruningPlan, run_dir: Path, export
 
     The config is the rewritten one, or export.architecture=auto's architecture-identical stock config where the
     model's own rejects the shape (the same tensor names). Returns what was written."""
+    if "gguf" in export.formats:
+        raise ConfigError("export.formats contains gguf, which is written from the model in memory, but this run "
+                          "prunes tensor by tensor (model.streaming); set model.streaming=false or "
+                          "export.formats=[hf].")
     adapter = stream.adapter
     config, _, note = export_architecture(adapter, pruned_config(adapter, plan), type(stream.model),
                                           export.architecture)
