@@ -26,6 +26,7 @@ from torch import nn
 
 from llmprune.adapters.heads import CausalLMHead
 from llmprune.data import Batch
+from llmprune.distill import release_freed_cpu_memory
 from llmprune.importance.activation import ActivationScores, _hook_block_importance, _hook_sites
 from llmprune.importance.depth import named_removal_scores
 from llmprune.progress import progress
@@ -110,9 +111,13 @@ class LayerStream:
         return layer
 
     def free_layer(self, i: int) -> None:
+        """Drop layer i's tensors and give the freed heap pages back to the OS: a layer's activations leave the
+        heap fragmented, and without a trim the resident size grew by ~55 MB per layer of a 4096-wide model
+        (bench/streaming_memory.py, anonymous memory after calibration: 0.87 GB at 11 layers, 1.47 GB at 22)."""
         for module in self.adapter.layers[i].modules():
             for name in list(module._parameters):
                 _free(module, name)
+        release_freed_cpu_memory()
 
     @torch.no_grad()
     def layer_inputs(self, batches: Sequence[Batch]) -> tuple[list[torch.Tensor], list[list[dict]]]:
