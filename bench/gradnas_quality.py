@@ -100,12 +100,13 @@ def main() -> None:
             pruned = evaluate_encoder(student, heldout, tokenizer, BATCH, teacher)
             student.requires_grad_(True)
             start = time.perf_counter()
-            train(student, splits.train, encoder_distill_loss(teacher, tokenizer), cfg, tmp / name.replace(" ", "_"),
-                  "distill", name)
+            run_dir = tmp / name.replace(" ", "_")
+            run_dir.mkdir()
+            train(student, splits.train, encoder_distill_loss(teacher, tokenizer), cfg, run_dir, "distill", name)
             distill_s = time.perf_counter() - start
             student.requires_grad_(False)
             distilled = evaluate_encoder(student, heldout, tokenizer, BATCH, teacher)
-            latency = onnx_latency(student.base_model, tmp, name.replace(" ", "_"), probe)
+            latency = onnx_latency(student.base_model, tmp, run_dir.name + "_onnx", probe)
             g = plan.summary["gradnas"]
             payload["variants"][name] = {"pruned": pruned, "distilled": distilled, "heads": g["heads"],
                                          "ffn": g["ffn"], "effective": g["effective"], "onnx_s": latency,
