@@ -32,6 +32,7 @@ from llmprune.export.hf import check_exportable, push_to_hub
 from llmprune.importance.activation import summarize
 from llmprune.models import choose_streaming, load_model, resolve_source
 from llmprune.plan import PruningPlan, make_plan, resolve_targets
+from llmprune.plan.plan import with_drop_layers
 from llmprune.progress import setup_logging
 from llmprune.report import plot_curves, write_report
 from llmprune.search.stage import Scorers, is_search, run_search, search_depth_needs, search_fingerprint, search_space
@@ -103,7 +104,10 @@ def prune_to_hf(teacher, model, adapter, plan: PruningPlan):
 
 def check_targets(cfg: DictConfig, adapter) -> dict[str, int]:
     """The resolved targets; fails before any work when they are invalid or no stock config can express them."""
-    target = resolve_targets(adapter.dims(), OmegaConf.to_container(cfg.prune.export_config), family=adapter.family)
+    dims = adapter.dims()
+    targets = with_drop_layers(OmegaConf.to_container(cfg.prune.export_config), cfg.prune.depth.drop_layers,
+                               dims["num_layers"])
+    target = resolve_targets(dims, targets, family=adapter.family)
     check_exportable(adapter, target, cfg.export.architecture)
     return target
 
@@ -119,7 +123,7 @@ def load_data(data: DictConfig, tokenizer, seed: int) -> text.TextSplits:
 def plan_stage(prune: DictConfig, family: str, scores: dict, dims: dict, adapter, run_dir: Path) -> PruningPlan:
     """The plan from the scores, written to plan.json."""
     plan = make_plan(family, scores, dims, OmegaConf.to_container(prune.export_config), prune.depth.method,
-                     prune.depth.metric, prune.rescale_norms,
+                     prune.depth.metric, prune.rescale_norms, drop_layers=prune.depth.drop_layers,
                      layer_types=getattr(adapter, "layer_types", None))  # hybrids: report removed layer types
     plan.summary["importance"] = summarize(scores)
     write_text_atomic(run_dir / "plan.json", plan.to_json())

@@ -209,3 +209,22 @@ def test_empty_plan_json_round_trip():
     plan = make_plan("qwen3", {}, DIMS, {})
     assert plan.is_empty
     assert PruningPlan.from_json(plan.to_json()) == plan
+
+
+def test_drop_layers_removes_exactly_the_named_layers_without_depth_scores():
+    scores = {"hidden": torch.rand(48)}  # no depth score at all: none is needed
+    plan = make_plan("llama", scores, DIMS, {}, drop_layers=[3, 1])
+    assert plan.kept_layers == [0, 2] and plan.depth["removed"] == [1, 3] and plan.target["num_layers"] == 2
+    assert plan.depth["method"] == "drop_layers"
+    assert make_plan("llama", scores, DIMS, {"num_layers": 2}, drop_layers=[1, 3]).kept_layers == [0, 2]
+
+
+@pytest.mark.parametrize("drop, targets, message", [
+    ([1, 4], {}, r"must name distinct layers in 0 \.\. 3 and keep at least one \(\[4\] are out of range\)"),
+    ([1, 1], {}, "must name distinct layers"),
+    ([0, 1, 2, 3], {}, "keep at least one"),
+    ([1], {"num_layers": 2}, r"export_config.num_layers=2 but prune.depth.drop_layers removes 1 of 4 layers"),
+])
+def test_drop_layers_errors_name_the_keys(drop, targets, message):
+    with pytest.raises(PlanError, match=message):
+        make_plan("llama", {"hidden": torch.rand(48)}, DIMS, targets, drop_layers=drop)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import llmprune
-from llmprune import importance
+from llmprune import ConfigError, importance
 from llmprune.adapters import get_adapter
 from llmprune.export.hf import exportable_model
 from llmprune.plan import PruningPlan, make_plan, resolve_targets
@@ -279,3 +279,17 @@ def test_recipe_data_fits_the_embedded_text(smollm2_loaded):
         print(f"\n{recipe}: {len(stream):,} tokens; {data.num_samples} x {data.seq_len} calibration, "
               f"{len(splits.heldout)} held-out samples")
         assert len(splits.calib) == data.num_samples
+
+
+def test_drop_layers_removes_the_named_layers_without_a_depth_search(tiny_model_dirs, tmp_path, calls):
+    out = tmp_path / "run"
+    report = llmprune.run("smollm2_minitron_depth", tiny_run_overrides(
+        tiny_model_dirs["llama"], out, "prune.export_config.num_layers=null", "prune.depth.drop_layers=[0,2]",
+        "distill.max_steps=0"))
+    assert calls["removal"] == [], "named layers need no depth scores"
+    assert report["removed_layers"] == [0, 2] and report["target"]["num_layers"] == 2
+    assert PruningPlan.from_json((out / "plan.json").read_text()).kept_layers == [1, 3]
+    with pytest.raises(ConfigError, match=r"export_config.num_layers=3 but prune.depth.drop_layers removes 2"):
+        llmprune.run("smollm2_minitron_depth", tiny_run_overrides(
+            tiny_model_dirs["llama"], tmp_path / "bad", "prune.export_config.num_layers=3",
+            "prune.depth.drop_layers=[0,2]"))

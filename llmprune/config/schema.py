@@ -90,6 +90,8 @@ class DepthConfig:
     method: drop_one (remove the layers whose single removal hurts least) | block_importance
         (1 - cosine between a layer's input and output) | contiguous (best contiguous block).
     metric: lm_loss | kl (to the unpruned model) for drop_one and contiguous.
+    drop_layers: remove exactly these layers (0-based indices of the original model), without depth scores;
+        prune.export_config.num_layers may then be left unset (it follows) or must equal layers - len(drop_layers).
     num_samples: calibration samples used by drop_one / contiguous scoring. Each candidate re-runs the layers
         after it and the LM head, about 22x a calibration pass per sample for drop-one on 30 layers, so the
         default (6, against 32 calibration samples) keeps the search under 5x one calibration pass; on SmolLM2
@@ -99,6 +101,7 @@ class DepthConfig:
     method: str = "drop_one"
     metric: str = "lm_loss"
     num_samples: int = 6
+    drop_layers: list[int] | None = None
 
 
 @dataclass

@@ -63,6 +63,13 @@ def validate(cfg: DictConfig) -> None:
     if cfg.backend == "megatron":
         problems += _megatron_problems(cfg)
     problems += _mode_problems(cfg)
+    drop = cfg.prune.depth.drop_layers
+    if drop:
+        if any(not isinstance(i, int) or i < 0 for i in drop) or len(set(drop)) != len(drop):
+            problems.append(f"prune.depth.drop_layers={list(drop)} must be distinct layer indices >= 0.")
+        if any(v is not None for v in cfg.prune.constraints.values()):
+            problems.append("prune.depth.drop_layers names the layers to remove; it does not combine with "
+                            "prune.constraints (the search and GradNAS choose the architecture themselves).")
     if (cfg.prune.importance != "activation" and cfg.prune.depth.method == "block_importance"
             and cfg.prune.export_config.num_layers is not None):
         problems.append(f"prune.depth.method=block_importance reads the activation pass, which "

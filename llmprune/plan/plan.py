@@ -154,8 +154,30 @@ def depth_score_name(method: str, metric: str, num_drop: int) -> str:
     return f"depth.contiguous.{metric}.n{num_drop}"
 
 
-def choose_layers(scores: dict[str, torch.Tensor], num_layers: int, keep: int, method: str, metric: str) -> dict:
-    """Pick the layers to keep. Returns {kept, removed, method, metric, score_name, removed_scores}."""
+def with_drop_layers(targets: dict, drop_layers: list[int] | None, num_layers: int,
+                     prefix: str = "prune.") -> dict:
+    """`targets` with num_layers following prune.depth.drop_layers (checked against the model's layer count)."""
+    if not drop_layers:
+        return targets
+    bad = sorted({i for i in drop_layers if not 0 <= i < num_layers})
+    if bad or len(set(drop_layers)) != len(drop_layers) or len(drop_layers) >= num_layers:
+        raise PlanError(f"{prefix}depth.drop_layers={list(drop_layers)} must name distinct layers in 0 .. "
+                        f"{num_layers - 1} and keep at least one" + (f" ({bad} are out of range)" if bad else "") + ".")
+    keep = num_layers - len(drop_layers)
+    if targets.get("num_layers") not in (None, keep):
+        raise PlanError(f"{prefix}export_config.num_layers={targets['num_layers']} but {prefix}depth.drop_layers "
+                        f"removes {len(drop_layers)} of {num_layers} layers ({keep} stay); leave num_layers unset.")
+    return {**targets, "num_layers": keep}
+
+
+def choose_layers(scores: dict[str, torch.Tensor], num_layers: int, keep: int, method: str, metric: str,
+                  drop_layers: list[int] | None = None) -> dict:
+    """Pick the layers to keep (exactly `drop_layers` removed when given). Returns {kept, removed, method, metric,
+    score_name, removed_scores}."""
+    if drop_layers:
+        removed = sorted(drop_layers)
+        return {"kept": [i for i in range(num_layers) if i not in removed], "removed": removed,
+                "method": "drop_layers", "metric": None}
     drop = num_layers - keep
     name = depth_score_name(method, metric, drop)
     if drop == 0:
@@ -206,7 +228,8 @@ def _mean_mass(scores: dict[str, torch.Tensor], name: str, kept: dict[int, list[
 
 def make_plan(family: str, scores: dict[str, torch.Tensor], dims: dict[str, int], targets: dict,
               depth_method: str = "drop_one", depth_metric: str = "lm_loss",
-              rescale_norms: bool = False, layer_types: list[str] | None = None) -> PruningPlan:
+              rescale_norms: bool = False, layer_types: list[str] | None = None,
+              drop_layers: list[int] | None = None) -> PruningPlan:
     """Turn importance scores and targets into a PruningPlan (Minitron: rank, keep the top units).
 
     Args:
@@ -218,10 +241,12 @@ def make_plan(family: str, scores: dict[str, torch.Tensor], dims: dict[str, int]
         rescale_norms: see PruneConfig.rescale_norms.
         layer_types: each layer's type (hybrids, `adapter.layer_types`); recorded for the removed layers as
             depth["removed_types"].
+        drop_layers: remove exactly these layers (prune.depth.drop_layers) instead of choosing them by scores.
     """
-    target = resolve_targets(dims, {k: v for k, v in targets.items() if v is not None}, family=family)
     num_layers = dims["num_layers"]
-    depth = choose_layers(scores, num_layers, target["num_layers"], depth_method, depth_metric)
+    targets = with_drop_layers({k: v for k, v in targets.items() if v is not None}, drop_layers, num_layers)
+    target = resolve_targets(dims, targets, family=family)
+    depth = choose_layers(scores, num_layers, target["num_layers"], depth_method, depth_metric, drop_layers)
     kept_layers = depth.pop("kept")
     if layer_types is not None:
         depth["removed_types"] = [layer_types[i] for i in depth["removed"]]

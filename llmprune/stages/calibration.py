@@ -24,7 +24,7 @@ log = logging.getLogger("llmprune")
 def depth_needs(depth: DictConfig, dims: dict, target: dict) -> dict:
     """Which removal scores the plan will read (none unless layers are removed, or for block_importance)."""
     drop = dims["num_layers"] - target["num_layers"]
-    if drop == 0 or depth.method == "block_importance":
+    if drop == 0 or depth.method == "block_importance" or depth.drop_layers:
         return {"drop_one": False, "block_sizes": ()}
     return {"drop_one": depth.method == "drop_one", "block_sizes": (drop,) if depth.method == "contiguous" else ()}
 
