@@ -26,6 +26,10 @@ def test_heldout_tail_is_disjoint_from_calibration():
     assert (splits.calib[:, 0] % 50 == 0).all() and len(set(splits.calib[:, 0].tolist())) == 40
     assert torch.equal(splits.heldout.flatten(), torch.arange(cut, cut + 400))
     assert splits.calib_region_tokens == cut and splits.stream_tokens == 10_000
+    # distillation trains on every window of the head: never on a held-out token, and calibration is among them
+    assert int(splits.train.max()) < cut and set(splits.train.flatten().tolist()).isdisjoint(
+        splits.heldout.flatten().tolist())
+    assert {tuple(w) for w in splits.calib.tolist()} <= {tuple(w) for w in splits.train.tolist()}
 
 
 def test_calibration_windows_depend_on_seed_only():
