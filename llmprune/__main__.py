@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmprune.report import console_table
 
     if is_rank_zero():
-        print(OmegaConf.to_yaml(cfg, resolve=True), file=sys.stderr)
+        print(run_header(cfg, overrides), file=sys.stderr)
     try:
         report = run(cfg)
     except ConfigError as err:
@@ -67,6 +67,21 @@ def main(argv: list[str] | None = None) -> int:
     if is_rank_zero():
         print(console_table(report))
     return 0
+
+
+def run_header(cfg, overrides: list[str]) -> str:
+    """What the run is, in a few lines (the whole resolved config goes to <output_dir>/config.yaml)."""
+    from omegaconf import OmegaConf
+
+    p = cfg.prune
+    what = {"minitron": "targets", "gradnas": "constraints"}[p.mode]
+    shape = {k: v for k, v in OmegaConf.to_container(p.export_config if what == "targets" else p.constraints).items()
+             if v is not None}
+    if p.mode == "minitron" and any(v is not None for v in p.constraints.values()):
+        what, shape = "search within", {k: v for k, v in p.constraints.items() if v is not None}
+    return "\n".join([f"llmprune: recipe {cfg.recipe}, model {cfg.model.path}, prune.mode={p.mode} ({what} {shape})",
+                      f"  output_dir={cfg.output_dir} (full config: {cfg.output_dir}/config.yaml; --cfg prints it)",
+                      f"  overrides: {' '.join(overrides) or '(none)'}"])
 
 
 if __name__ == "__main__":

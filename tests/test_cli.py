@@ -218,3 +218,14 @@ def test_cli_help_list_and_cfg(tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert "num_layers: 30" in shown.stdout and "recipe: qwen3_minitron" in shown.stdout
     assert "output_dir: outputs/qwen3_minitron" in shown.stdout
+
+
+def test_run_header_is_short_and_names_recipe_model_targets_and_overrides():
+    from llmprune.__main__ import run_header
+
+    header = run_header(load_config("smollm2_minitron", ["distill.max_steps=3"]), ["distill.max_steps=3"])
+    assert len(header.splitlines()) == 3
+    for needle in ("recipe smollm2_minitron", "model embedded:smollm2", "'hidden_size': 448",
+                   "outputs/smollm2_minitron/config.yaml", "overrides: distill.max_steps=3"):
+        assert needle in header, header
+    assert "search within {'params': '84.0M'}" in run_header(load_config("smollm2_minitron_search"), [])
