@@ -11,6 +11,7 @@ from the same model, data and scoring settings, so re-pruning to another target 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from llmprune import data as text
 from llmprune.adapters import get_adapter
 from llmprune.backends.megatron.convert import check_convertible
+from llmprune.distill_cache import build_teacher_cache, visited_windows
 from llmprune.distributed import barrier, is_rank_zero, rank, world_size
 from llmprune.errors import ConfigError
 from llmprune.evaluate import evaluate
@@ -234,14 +236,22 @@ def run(cfg: DictConfig) -> dict:
                                                       cfg.export, report, probe)
 
     if cfg.distill.max_steps > 0:
+        if cfg.distill.teacher_cache:
+            with t.stage("teacher_cache"):
+                visited = visited_windows(splits.train, cfg.distill, cfg.seed)  # those distillation will read
+                teacher = build_teacher_cache(teacher, visited, cfg.distill, run_dir / "teacher_cache")
+                adapter = space = scorers = None  # they hold the teacher model too; from here on it is its cache
+                gc.collect()  # the teacher's modules in reference cycles go only with a collection
         with t.stage("distill"):
             distill_fingerprint = hashlib.sha256(json.dumps(
                 [fingerprint, plan.fingerprint(), OmegaConf.to_container(cfg.distill)]).encode()).hexdigest()[:16]
             history = distill_student(cfg.distill, cfg.seed, student, student_adapter, teacher, plan, splits.train,
                                       heldout, run_dir, distill_fingerprint)
         report["distill"] = distill_summary(history, cfg.distill, t["distill"])
+        if cfg.distill.teacher_cache:
+            report["distill"]["teacher_cache"] = teacher.summary
         if cfg.eval.enabled:
-            last = history[-1]
+            last = history[-1]  # eval_kl is None with the teacher cache: no teacher to compare with
             evaluation["final"] = {"perplexity": last["eval_perplexity"], "kl_to_teacher": last["eval_kl"]}
         with t.stage("export_final"):
             report["architecture_written"] = export_stage("final", student, student_adapter, tokenizer, run_dir,

@@ -8,6 +8,7 @@ import torch
 from omegaconf import DictConfig
 
 from llmprune.distill import Student, distill_loss, train
+from llmprune.distill_cache import TeacherCache, cached_distill_loss
 from llmprune.evaluate import evaluate
 from llmprune.losses import channel_projection
 from llmprune.plan import PruningPlan
@@ -19,9 +20,14 @@ def unit_names(root: torch.nn.Module, layers) -> tuple[str, ...]:
     return tuple(names[id(layer)] for layer in layers)
 
 
-def distill_student(distill: DictConfig, seed: int, student, student_adapter, teacher, plan: PruningPlan,
-                    windows: torch.Tensor, heldout, run_dir: Path, fingerprint: str) -> list[dict]:
-    """Distill `student` from `teacher` in place; returns the metric rows."""
+def distill_student(distill: DictConfig, seed: int, student, student_adapter, teacher: torch.nn.Module | TeacherCache,
+                    plan: PruningPlan, windows: torch.Tensor, heldout, run_dir: Path, fingerprint: str) -> list[dict]:
+    """Distill `student` from `teacher` in place; returns the metric rows.
+
+    `teacher` is the model, or its top-k logits of `windows` (distill.teacher_cache): then the losses read the
+    cache and held-out evaluation measures perplexity only (eval_kl is None), since KL to the teacher needs its
+    whole distribution.
+    """
     d = distill
     student.requires_grad_(True)  # built from the frozen teacher's tensors
     hidden_layers, projection = (), None
@@ -33,11 +39,15 @@ def distill_student(distill: DictConfig, seed: int, student, student_adapter, te
     if d.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = Student(student, projection, hidden_layers)
-    loss = distill_loss(teacher, d, tuple(plan.kept_layers[j] for j in hidden_layers))
+    cached = isinstance(teacher, TeacherCache)
+    if cached:
+        loss = cached_distill_loss(teacher, d)
+    else:
+        loss = distill_loss(teacher, d, tuple(plan.kept_layers[j] for j in hidden_layers))
 
     def evaluate_fn(trained: torch.nn.Module) -> dict:
-        result = evaluate(trained, heldout, teacher=teacher, desc="evaluate student")
-        return {"eval_perplexity": result["perplexity"], "eval_kl": result["kl_to_teacher"]}
+        result = evaluate(trained, heldout, teacher=None if cached else teacher, desc="evaluate student")
+        return {"eval_perplexity": result["perplexity"], "eval_kl": result.get("kl_to_teacher")}
 
     history = train(module, windows, loss, d, run_dir, "distill", fingerprint, evaluate_fn, seed=seed,
                     shard_units=unit_names(module, student_adapter.layers))
