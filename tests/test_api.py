@@ -114,8 +114,10 @@ def test_prune_rejects_empty_export_config(export_config):
         llmprune.prune(tiny_model("llama"), export_config=export_config, calib_data=calib())
 
 
-def test_prune_rejects_unknown_mode():
-    with pytest.raises(ConfigError, match="Unknown mode 'gradnas'. Known: minitron"):
+def test_prune_rejects_unknown_mode_and_targets_with_gradnas():
+    with pytest.raises(ConfigError, match="Unknown mode 'fastnas'. Known: minitron, gradnas"):
+        llmprune.prune(tiny_model("llama"), mode="fastnas", export_config=TARGETS, calib_data=calib())
+    with pytest.raises(ConfigError, match="mode='gradnas' chooses per-layer widths from `constraints`"):
         llmprune.prune(tiny_model("llama"), mode="gradnas", export_config=TARGETS, calib_data=calib())
 
 
