@@ -393,7 +393,10 @@ def run_gradnas(cfg: DictConfig, run_dir: Path, t: Timings) -> dict:
     report = base_report(cfg, source, adapter, plan, params, splits, evaluation, t)
     report["importance"] = f"gradnas ({loss} loss, {g.rule} rule)"
     report["gradnas"] = {**plan.summary["gradnas"], "profile": profile.markdown(),
-                         "flops": {"before": space.full()["flops"], "after": effective["flops"]}}
+                         "flops": {"before": space.full()["flops"], "after": effective["flops"]},
+                         # what the stock config written holds: every head slot and the widest layer's FFN
+                         "physical": {"params": space.cost.params(plan.target),
+                                      "flops": space.cost.flops(space.seq_len, plan.target)}}
     is_st = not source.gguf_file and (Path(source.location) / "modules.json").exists()
     source_dir = source.location if is_st else None  # a sentence-transformers model keeps its pooling files
     with t.stage("export_pruned"):

@@ -84,8 +84,10 @@ def report_markdown(report: dict) -> str:
     if "gradnas" in report:
         g = report["gradnas"]
         parts += ["GradNAS search space profile:", "", g["profile"], "",
-                  f"Rule {g['rule']}: kept {g['kept_score'] / g['total_score']:.1%} of the score mass; effective "
-                  f"params {g['effective']['params']:,}, FLOPs {g['effective']['flops']:,}.", ""]
+                  f"Rule {g['rule']}: kept {g['kept_score'] / g['total_score']:.1%} of the score mass. Effective "
+                  f"(real per-layer shapes, the ONNX file): params {g['effective']['params']:,}, FLOPs "
+                  f"{g['effective']['flops']:,}; physical (the stock config written, removed units zero-filled): "
+                  f"params {g['physical']['params']:,}, FLOPs {g['physical']['flops']:,}.", ""]
     if "search" in report:
         parts += search_markdown(report["search"])
     for name, check in report.get("export_check", {}).items():

@@ -154,6 +154,9 @@ def test_bert_gradnas_recipe_on_real_minilm(tmp_path):
     assert report["params"]["after"] == report["params"]["after_analytic"] < report["params"]["before"]
     for stage in ("pruned", "final"):
         assert report["export_check"][stage]["max_abs_diff_stock_reload"] < 1e-4
+        assert report["export_check"][stage]["physical_params"] == g["physical"]["params"] > g["effective"]["params"]
+    assert g["physical"]["flops"] > g["effective"]["flops"]
+    assert "physical (the stock config written" in (out / "report.md").read_text()
     plan = json.loads((out / "plan.json").read_text())
     assert [len(v) for v in plan["heads"].values()] == g["heads"]
     assert "Profiling" not in (out / "report.md").read_text() and "max/min ratio" in (out / "report.md").read_text()
