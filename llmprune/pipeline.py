@@ -257,7 +257,7 @@ def run(cfg: DictConfig) -> dict:
             report["architecture_written"] = export_stage("final", student, student_adapter, tokenizer, run_dir,
                                                           cfg.export, report, probe)
         if is_rank_zero():
-            plot_curves(history, run_dir / "curves.png", evaluation.get("pruned", {}).get("perplexity"))
+            plot_curves(history, run_dir / "curves.png", evaluation.get("pruned"))
             report["distill"]["curves"] = "curves.png"
 
     if cfg.export.push_to_hub and is_rank_zero():

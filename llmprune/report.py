@@ -162,8 +162,22 @@ def model_card(report: dict) -> str:
         "and the kept indices of every dimension.", ""])
 
 
-def plot_curves(history: list[dict], path: Path, pruned_perplexity: float | None = None) -> None:
-    """PNG with the training loss and the held-out perplexity / KL against distillation tokens."""
+def eval_series(history: list[dict], pruned: dict | None = None) -> dict[str, tuple[list, list]]:
+    """(tokens, values) of the held-out perplexity and KL to the teacher, both starting at the pruned model's
+    numbers (token 0) when `pruned` holds them."""
+    evals = [r for r in history if r.get("eval_perplexity") is not None]
+    out = {}
+    for key, start in (("eval_perplexity", "perplexity"), ("eval_kl", "kl_to_teacher")):
+        points = [(r["tokens"], r[key]) for r in evals if r.get(key) is not None]
+        if (pruned or {}).get(start) is not None:
+            points = [(0, pruned[start])] + points
+        out[key] = ([t for t, _ in points], [v for _, v in points])
+    return out
+
+
+def plot_curves(history: list[dict], path: Path, pruned: dict | None = None) -> None:
+    """PNG with the training loss and the held-out perplexity / KL against distillation tokens (both from the
+    pruned model's numbers at token 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,15 +190,12 @@ def plot_curves(history: list[dict], path: Path, pruned_perplexity: float | None
         left.plot(tokens, [r.get(part) for r in history], label=part, alpha=0.7)
     left.set(xlabel="distillation tokens", ylabel="training loss", title="training")
     left.legend()
-    evals = [r for r in history if "eval_perplexity" in r]
-    eval_tokens = ([0] if pruned_perplexity else []) + [r["tokens"] for r in evals]
-    ppl = ([pruned_perplexity] if pruned_perplexity else []) + [r["eval_perplexity"] for r in evals]
-    right.plot(eval_tokens, ppl, marker="o", label="held-out perplexity")
+    series = eval_series(history, pruned)
+    right.plot(*series["eval_perplexity"], marker="o", label="held-out perplexity")
     right.set(xlabel="distillation tokens", ylabel="perplexity", title="held-out evaluation", yscale="log")
-    if evals:
+    if series["eval_kl"][0]:
         kl_axis = right.twinx()
-        kl_axis.plot([r["tokens"] for r in evals], [r["eval_kl"] for r in evals], color="tab:red", marker=".",
-                     label="KL to teacher")
+        kl_axis.plot(*series["eval_kl"], color="tab:red", marker=".", label="KL to teacher")
         kl_axis.set_ylabel("KL to teacher (nats/token)")
         kl_axis.legend(loc="lower right")
     right.legend(loc="lower left")

@@ -653,3 +653,14 @@ def test_metrics_with_a_bad_line_before_the_last_name_the_file(tmp_path):
         _read_metrics(path, 3)
     path.write_text('{"step": 1}\n{"step": 2}\n{"ste')
     assert _read_metrics(path, 5) == [{"step": 1}, {"step": 2}]
+
+
+def test_curves_start_both_eval_series_at_the_pruned_model():
+    from llmprune.report import eval_series
+
+    history = [{"tokens": 10, "loss": 1.0}, {"tokens": 20, "loss": 0.9, "eval_perplexity": 30.0, "eval_kl": 0.5},
+               {"tokens": 30, "loss": 0.8, "eval_perplexity": 25.0, "eval_kl": None}]
+    series = eval_series(history, {"perplexity": 200.0, "kl_to_teacher": 2.5})
+    assert series["eval_perplexity"] == ([0, 20, 30], [200.0, 30.0, 25.0])
+    assert series["eval_kl"] == ([0, 20], [2.5, 0.5])  # a step without KL (teacher cache) is left out
+    assert eval_series(history)["eval_kl"] == ([20], [0.5])
