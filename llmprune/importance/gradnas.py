@@ -33,6 +33,7 @@ from torch import nn
 
 from llmprune.data import Batch
 from llmprune.distributed import all_reduce_sum
+from llmprune.export.encoder import FAMILIES
 from llmprune.progress import progress
 
 TEMPERATURE = 0.05  # sentence-transformers' MultipleNegativesRankingLoss scale of 20
@@ -53,10 +54,8 @@ class MaskSites:
     ffn_out: str  # FFN output projection inside a layer; its input is (..., neurons)
 
 
-_BERT = MaskSites("encoder.layer", "attention.output.dense", "output.dense")
-_LLAMA = MaskSites("layers", "self_attn.o_proj", "mlp.down_proj")
-SITES = {"bert": _BERT, "roberta": _BERT, "gptj": MaskSites("h", "attn.out_proj", "mlp.fc_out"),
-         "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA}
+# from the per-layer export's module-name table, so scoring and export always know the same families and names
+SITES = {family: MaskSites(names["layers"], names["o"], names["ffn_out"]) for family, names in FAMILIES.items()}
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
