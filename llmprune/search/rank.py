@@ -15,6 +15,7 @@ candidate before ranking because ranks move after training. Here:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -68,9 +69,10 @@ def combined(a: dict, b: dict) -> dict:
 
 
 def score_missing(candidates: list[Candidate], scored: dict[str, dict], score: Scorer, state: SearchState,
-                  what: str) -> int:
-    """Score the candidates `scored` lacks, saving the state after each. Returns how many were scored."""
-    count = 0
+                  what: str) -> tuple[int, float]:
+    """Score the candidates `scored` lacks, saving the state after each. Returns how many were scored and the
+    seconds that took."""
+    count, started = 0, time.perf_counter()
     for i, c in enumerate(candidates):
         if c.key in scored:
             continue
@@ -78,7 +80,7 @@ def score_missing(candidates: list[Candidate], scored: dict[str, dict], score: S
         state.save()
         count += 1
         log.info(f"search: {what} {i + 1}/{len(candidates)} {c.key}: KL {scored[c.key]['kl']:.4f}")
-    return count
+    return count, time.perf_counter() - started
 
 
 def noise(rows: list[dict]) -> dict:
@@ -94,13 +96,13 @@ def rank(candidates: list[Candidate], top_k: int, finalists: int, state: SearchS
 
     Returns:
         {pick, runners_up, scored (rows of every scored candidate, best first), finalists, noise, rank_correlation,
-        newly_scored: {pruned, distilled}}.
+        newly_scored: {pruned, distilled}, score_seconds: {pruned, distilled} (of the newly scored)}.
     """
     top = candidates[:top_k]
-    new_pruned = score_missing(top, state.pruned, score_pruned, state, "pruned")
+    new_pruned, pruned_s = score_missing(top, state.pruned, score_pruned, state, "pruned")
     by_pruned = sorted(top, key=lambda c: (state.pruned[c.key]["kl"], c.key))
     chosen = by_pruned[:finalists]
-    new_distilled = score_missing(chosen, state.distilled, score_distilled, state, "distilled")
+    new_distilled, distilled_s = score_missing(chosen, state.distilled, score_distilled, state, "distilled")
     final = sorted(chosen, key=lambda c: (state.distilled[c.key]["kl"], c.key)) if chosen else by_pruned
     rows = []
     for c in by_pruned:
@@ -113,4 +115,5 @@ def rank(candidates: list[Candidate], top_k: int, finalists: int, state: SearchS
                       "distilled": noise([state.distilled[c.key] for c in chosen])},
             "rank_correlation": spearman([state.pruned[c.key]["kl"] for c in chosen],
                                          [state.distilled[c.key]["kl"] for c in chosen]),
-            "newly_scored": {"pruned": new_pruned, "distilled": new_distilled}}
+            "newly_scored": {"pruned": new_pruned, "distilled": new_distilled},
+            "score_seconds": {"pruned": round(pruned_s, 2), "distilled": round(distilled_s, 2)}}
