@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -152,13 +152,53 @@ def output_head(model: nn.Module) -> nn.Linear | None:
     return head if isinstance(head, nn.Linear) and hasattr(model, "base_model") and not post_processed else None
 
 
+def layer_names(model: nn.Module, indices: tuple[int, ...]) -> tuple[str, ...]:
+    """The names inside `model` of its decoder layers `indices` (the family's adapter knows which modules they are)."""
+    if not indices:
+        return ()
+    from llmprune.adapters import get_adapter  # adapters import the pruning code, which does not import this module
+
+    names = {id(m): n for n, m in model.named_modules()}
+    layers = get_adapter(model).layers
+    return tuple(names[id(layers[i])] for i in indices)
+
+
+@contextmanager
+def layer_outputs(model: nn.Module, names: tuple[str, ...]):
+    """Collect the outputs of the layers `names` during the forward inside the block: [output of names[k]] in order.
+
+    Hidden-state distillation pairs student layer j with teacher layer kept_layers[j]: each is the residual stream a
+    layer hands on, before any final norm. Transformers' `hidden_states` does not say that consistently: the last
+    entry is the final norm's output (llama, qwen, Nemotron-H: hidden_states[i + 1] is layer i's output except for
+    the last layer; Mamba2: hidden_states[i] is), so a teacher whose last layer was removed would be compared before
+    its norm with a student after its norm. The hooks live only for this forward: a gradient-checkpointed layer that
+    runs again in backward does not overwrite what was collected (nor keep its recomputed activations alive).
+    """
+    found: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(_module, _args, output):
+            found[name] = output[0] if isinstance(output, tuple) else output  # (B, S, H)
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(keep(name)) for name in names]
+    states: list[torch.Tensor] = []
+    try:
+        yield states
+    finally:
+        for handle in handles:
+            handle.remove()
+    states.extend(found[name] for name in names)
+
+
 class Student(nn.Module):
     """The student plus the learned projection of its hidden states onto the teacher's width.
 
     Called like a causal LM (`evaluate` takes it as is, which matters under FSDP, where only the root module may
-    run): returns `.logits` and `.states`, the projected outputs of `hidden_layers`. Given `head_loss`, it returns
-    `.loss` and `.parts` of `head_loss(hidden, output layer)` instead of logits, with `hidden` the final norm's
-    outputs at `logits_to_keep`: the loss then runs inside the forward of the module DDP and FSDP wrap.
+    run): returns `.logits` and `.states`, the projected outputs of its decoder layers `hidden_layers` (each layer's
+    output, before the final norm: `layer_outputs`). Given `head_loss`, it returns `.loss` and `.parts` of
+    `head_loss(hidden, output layer)` instead of logits, with `hidden` the final norm's outputs at `logits_to_keep`:
+    the loss then runs inside the forward of the module DDP and FSDP wrap.
     """
 
     def __init__(self, model: nn.Module, projection: nn.Module | None = None, hidden_layers: tuple[int, ...] = ()):
@@ -166,16 +206,17 @@ class Student(nn.Module):
         self.model = model
         self.projection = projection
         self.hidden_layers = hidden_layers
+        # names, not modules: FSDP trains a deep copy of this module, whose layers the names find as well
+        self.layer_names = layer_names(model, hidden_layers)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 logits_to_keep: int | torch.Tensor = 0, head_loss: Callable | None = None, **_):
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False,
-                  "output_hidden_states": bool(self.hidden_layers)}
-        if head_loss is None:
-            out = self.model(**kwargs, logits_to_keep=logits_to_keep)
-        else:
-            out = self.model.base_model(**kwargs)
-        states = [out.hidden_states[j + 1] for j in self.hidden_layers]  # output of student layer j
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        with layer_outputs(self.model, self.layer_names) as states:
+            if head_loss is None:
+                out = self.model(**kwargs, logits_to_keep=logits_to_keep)
+            else:
+                out = self.model.base_model(**kwargs)
         if self.projection is not None:
             states = [self.projection(s) for s in states]
         if head_loss is None:
@@ -216,9 +257,16 @@ def distill_loss(teacher: nn.Module, cfg, teacher_layers: tuple[int, ...], chunk
     loss evaluation), so neither model's full (B, S-1, V) logits exist: for SmolLM2 at 4 x 256 tokens that spares
     ~1 GB of logits, log-probabilities and their gradients a step, at the same speed. Value and gradient equal the
     full-logits computation up to float rounding (tests/test_distill.py).
+
+    The hidden-state loss pairs the student's `.states` (the outputs of its layers `Student.hidden_layers`) with
+    the outputs of the teacher's layers `teacher_layers`, one for one, all before the final norm (`layer_outputs`).
     """
+    if cfg.hidden_weight and not teacher_layers:
+        raise ConfigError(f"distill.hidden_weight={cfg.hidden_weight} needs pairs of student and teacher layers, "
+                          "and this run has none; set distill.hidden_weight=0.")
     weights = logit_loss_parts(cfg)
     t_head = output_head(teacher)
+    t_names = layer_names(teacher, teacher_layers)
 
     def compute(module: nn.Module, ids: torch.Tensor):
         keep = predicting_positions(ids)
@@ -227,8 +275,8 @@ def distill_loss(teacher: nn.Module, cfg, teacher_layers: tuple[int, ...], chunk
         student_model = getattr(module, "module", module).model  # DDP keeps the Student in .module
         parts = {}
         if chunked and weights and t_head is not None and output_head(student_model) is not None:
-            with torch.no_grad():
-                t_out = teacher.base_model(input_ids=ids, use_cache=False, output_hidden_states=bool(teacher_layers))
+            with torch.no_grad(), layer_outputs(teacher, t_names) as t_states:
+                t_out = teacher.base_model(input_ids=ids, use_cache=False)
                 t_hidden = t_out.last_hidden_state[:, keep].flatten(0, 1)  # (N, H_teacher), N = B * (S-1)
             flat_labels, flat_valid = labels.reshape(-1), valid.reshape(-1)
             tokens = flat_valid.sum().clamp_min(1.0)
@@ -248,15 +296,13 @@ def distill_loss(teacher: nn.Module, cfg, teacher_layers: tuple[int, ...], chunk
             logit_total = student.loss
             parts = {k: (weights[k], v) for k, v in student.parts.items()}
         else:
-            with torch.no_grad():
-                t_out = teacher(input_ids=ids, use_cache=False, output_hidden_states=bool(teacher_layers),
-                                logits_to_keep=keep)
+            with torch.no_grad(), layer_outputs(teacher, t_names) as t_states:
+                t_out = teacher(input_ids=ids, use_cache=False, logits_to_keep=keep)
             student = module(ids, logits_to_keep=keep)
             parts = logit_losses(student.logits, t_out.logits, labels, valid, cfg)  # (B, S-1, V) each
             logit_total = sum(w * v for w, v in parts.values())
         total = logit_total
         if cfg.hidden_weight:
-            t_states = [t_out.hidden_states[i + 1] for i in teacher_layers]
             every_position = torch.ones(ids.shape, device=ids.device)
             hidden = losses.hidden_state_loss(student.states, t_states, None, every_position, cfg.hidden_loss)
             parts["hidden"] = (cfg.hidden_weight, hidden)

@@ -8,6 +8,7 @@ thread: these models are so small that a second thread only adds contention on a
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -24,13 +25,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_batch, tiny_model, tiny_run_overrides
+from conftest import tiny_batch, tiny_model, tiny_run_overrides, tiny_ssm_model
+from helpers import plan_for
 from hub_standin import HubStandin
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import llmprune
 from llmprune import ConfigError, PruningPlan, losses
+from llmprune.adapters import get_adapter
 from llmprune.config import DistillConfig
 from llmprune.data import to_batches
 from llmprune.distill import SampleOrder, Student, batch_split, distill_loss, lr_factor
@@ -182,6 +185,47 @@ def test_hidden_state_loss_cosine_and_mse():
     projected = [projection(x) for x in narrow]
     torch.testing.assert_close(losses.hidden_state_loss(narrow, t, projection, every, "mse"),
                                losses.hidden_state_loss(projected, t, None, every, "mse"))
+
+
+def layer_models(family: str):
+    return tiny_model(family) if family in ("llama", "qwen3") else tiny_ssm_model(family)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["full_logits", "chunked"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mamba2", "nemotron_h"])
+def test_hidden_loss_pairs_layer_outputs_when_the_teachers_last_layer_is_removed(family, chunked):
+    """Removing the teacher's last layer leaves student layers 0 .. n-2 the very computations of the teacher's: every
+    pair, the last included, must then compare equal states. transformers returns its last hidden state after the
+    final norm (and Mamba2 numbers its hidden states from the first layer's output), so pairing `hidden_states`
+    entries compared the student's normed last state with the teacher's un-normed one."""
+    teacher = layer_models(family)
+    adapter = get_adapter(copy.deepcopy(teacher))
+    n = adapter.dims()["num_layers"]
+    plan = plan_for(adapter, {}, {}, drop_layers=[n - 1])
+    student = adapter.apply(plan).train()
+    assert plan.kept_layers == list(range(n - 1))
+    ids = tiny_batch(2, 16)
+    with torch.no_grad():  # the premise: transformers' last hidden state is normed, a layer's output is not
+        hidden = teacher.base_model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+        assert hidden[-1] is not None and len(hidden) == n + 1
+    for kind in ("mse", "cosine"):
+        cfg = SimpleNamespace(**{**vars(DistillConfig()), "kl_weight": 1.0, "hidden_weight": 1.0, "hidden_loss": kind})
+        module = Student(student, None, tuple(range(n - 1)))
+        loss, parts = distill_loss(teacher, cfg, tuple(plan.kept_layers), chunked)(module, ids)
+        # the same float operations on the same inputs: MSE exactly 0; 1 - cos within its own rounding
+        assert float(parts["hidden"]) == pytest.approx(0.0, abs=0 if kind == "mse" else 1e-6), (kind, parts["hidden"])
+        assert float(parts["kl"]) > 1e-4  # the student does differ from the teacher at its output
+        loss.backward()  # the states carry the student's graph
+    # and a pair of different layers is not zero: student layer 0 against teacher layer 1
+    cfg = SimpleNamespace(**{**vars(DistillConfig()), "hidden_weight": 1.0, "hidden_loss": "mse"})
+    _, parts = distill_loss(teacher, cfg, (1,), chunked)(Student(student, None, (0,)), ids)
+    assert float(parts["hidden"]) > 1e-6, float(parts["hidden"])
+
+
+def test_hidden_loss_without_layer_pairs_is_a_config_error():
+    cfg = SimpleNamespace(**{**vars(DistillConfig()), "hidden_weight": 0.5})
+    with pytest.raises(ConfigError, match="distill.hidden_weight=0.5 needs pairs"):
+        distill_loss(tiny_model("llama"), cfg, ())
 
 
 def test_channel_projection_puts_each_kept_channel_back_in_its_place():
