@@ -22,12 +22,13 @@ def predicting_positions(ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, batches: Iterable[Batch], teacher=None, desc: str = "evaluate",
-             chunk_bytes: int = LOSS_CHUNK_BYTES) -> dict[str, float]:
+             chunk_bytes: int = LOSS_CHUNK_BYTES, reduce: bool = True) -> dict[str, float]:
     """Token-mean next-token loss, its perplexity, and (with a teacher) the mean KL(teacher || model) in nats.
 
     Padding (attention_mask 0) never counts; sums are all-reduced across ranks. The per-token losses run on chunks
     of positions of at most `chunk_bytes` of float32 logits, so the only (B, S-1, V) tensors are the two models'
-    logits themselves, not their float32 copies, log-probabilities and products.
+    logits themselves, not their float32 copies, log-probabilities and products. `reduce=False` keeps this process's
+    sums (a rank scoring a model no other rank runs, as the search does with its share of the candidates).
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -53,7 +54,7 @@ def evaluate(model, batches: Iterable[Batch], teacher=None, desc: str = "evaluat
                 totals[1] += (kl * valid[rows]).sum().double()
         totals[2] += valid.sum().double()
     model.train(was_training)
-    nll, kl, tokens = all_reduce_sum(totals).tolist()
+    nll, kl, tokens = (all_reduce_sum(totals) if reduce else totals).tolist()
     loss = nll / tokens
     result = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(tokens)}
     if teacher is not None:

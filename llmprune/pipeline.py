@@ -206,7 +206,7 @@ def run(cfg: DictConfig) -> dict:
     prune_cfg, found = cfg.prune, None
     if space is not None:
         with t.stage("search"):
-            scorers = Scorers(cfg, teacher, adapter, scores, even_share(splits.heldout), splits.train, run_dir,
+            scorers = Scorers(cfg, teacher, adapter, scores, splits.heldout, splits.train, run_dir,
                               search_fingerprint(cfg, fingerprint))
             found = run_search(cfg, space, profile, scorers, run_dir)
             prune_cfg = OmegaConf.merge(cfg.prune, {"export_config": found["target"]})

@@ -4,6 +4,11 @@ resume, and the Pareto front; tiny random llama models, seconds each."""
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,9 +180,11 @@ def test_nsga2_front_is_non_dominated_and_within_budget(llama, tmp_path):
     objectives = ("kl", "latency")
     scored: dict[str, float] = {}
 
-    def kl(c) -> float:  # smaller models are worse, with a shape-dependent wobble so the front is not trivial
-        scored.setdefault(c.key, 1e6 / c.costs["params"] + 0.05 * (c.target["hidden_size"] % 16 == 0))
-        return scored[c.key]
+    def kl(generation) -> list[float]:  # smaller models are worse, with a shape-dependent wobble (a non-trivial front)
+        assert all(c.costs["params"] <= bounds["params"] for c in generation), "only within-budget candidates score"
+        for c in generation:
+            scored.setdefault(c.key, 1e6 / c.costs["params"] + 0.05 * (c.target["hidden_size"] % 16 == 0))
+        return [scored[c.key] for c in generation]
 
     evaluated = nsga2(space, bounds, objectives, kl, population=8, generations=4, seed=0)
     assert len(evaluated) == len({c.key for c in evaluated}) > 8
@@ -200,7 +207,8 @@ def test_nsga2_front_is_non_dominated_and_within_budget(llama, tmp_path):
     assert (tmp_path / "front.png").stat().st_size > 0
 
     calls: list[str] = []
-    again = nsga2(space, bounds, objectives, lambda c: calls.append(c.key) or scored[c.key], 8, 4, seed=0)
+    again = nsga2(space, bounds, objectives, lambda cs: [calls.append(c.key) or scored[c.key] for c in cs], 8, 4,
+                  seed=0)
     assert {c.key for c in again} == set(points), "the same seed asks the same candidates (their scores are cached)"
 
 
@@ -270,3 +278,36 @@ def test_multi_objective_search_writes_the_front(tiny_model_dirs, tmp_path):
     assert all(row["latency"] <= search["bounds"]["latency"] for row in search["scored"])
     front = (out / "search" / "front.csv").read_text().splitlines()
     assert len(front) == len(search["scored"]) + 1 and (out / "search" / "front.png").is_file()
+
+
+def test_two_process_search_equals_one_process_search(tiny_model_dirs, tmp_path):
+    """torchrun with 2 CPU processes (gloo): the pruned candidates are dealt out (each process scores a share, the
+    rows gathered) and the finalist is distilled on both together; the same candidates, scores and pick as one
+    process. Pruned scores are computed alone on the same samples, so they agree to float rounding; the distilled
+    score carries DDP's summation order (test_distill.py's tolerance)."""
+    extra = (*TINY_SEARCH, "search.top_k=4", "search.finalists=1", "data.eval_samples=4", "distill.precision=fp32",
+             "distill.global_batch_size=2", "distill.micro_batch_size=1", "eval.enabled=false")
+    one = llmprune.run("smollm2_minitron_search", tiny_run_overrides(tiny_model_dirs["llama"], tmp_path / "one",
+                                                                     *extra))["search"]
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "llmprune",
+               "recipe=smollm2_minitron_search", *tiny_run_overrides(tiny_model_dirs["llama"], tmp_path / "two",
+                                                                     *extra)]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    two = json.loads((tmp_path / "two" / "report.json").read_text())["search"]
+
+    assert [r["key"] for r in two["scored"]] == [r["key"] for r in one["scored"]] and len(one["scored"]) == 4
+    assert (two["pick"], two["finalists"]) == (one["pick"], one["finalists"])
+    for a, b in zip(one["scored"], two["scored"]):
+        for k in ("pruned_kl", "pruned_kl_a", "pruned_kl_b", "pruned_perplexity"):
+            assert b[k] == pytest.approx(a[k], rel=1e-6), (a["key"], k, a[k], b[k])
+        if "distilled_kl" in a:
+            assert b["distilled_kl"] == pytest.approx(a["distilled_kl"], rel=1e-4), (a["key"], a, b)
+    assert sorted(r["pruned_process"] for r in two["scored"]) == [0, 0, 1, 1], "each process scores its share"
+    assert {r["pruned_process"] for r in one["scored"]} == {0}
+    assert two["newly_scored"] == one["newly_scored"] == {"pruned": 4, "distilled": 1}
+    state_1, state_2 = (json.loads((tmp_path / d / "search" / "state.json").read_text()) for d in ("one", "two"))
+    assert state_1["pruned"].keys() == state_2["pruned"].keys(), "rank zero saved every process's scores"

@@ -12,7 +12,6 @@ fixed seed the same generations are asked again after a restart, and their score
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,13 +49,14 @@ def knee(points: list[list[float]]) -> int:
     return int(np.argmax(distance))
 
 
-def objective_values(c: Candidate, objectives: tuple[str, ...], kl: Callable[[Candidate], float]) -> list[float]:
-    return [kl(c) if name == "kl" else c.costs[name] for name in objectives]
-
-
 def nsga2(space: SearchSpace, bounds: dict[str, float], objectives: tuple[str, ...],
-          kl: Callable[[Candidate], float], population: int, generations: int, seed: int) -> list[Candidate]:
-    """Run NSGA-II; returns every within-budget candidate it evaluated (each once), costs and "kl" filled in."""
+          kl: Callable[[list[Candidate]], list[float]], population: int, generations: int,
+          seed: int) -> list[Candidate]:
+    """Run NSGA-II; returns every within-budget candidate it evaluated (each once), costs and "kl" filled in.
+
+    `kl` takes all within-budget candidates of one generation at once (so a torchrun search deals them out across
+    its ranks) and returns their KL in order.
+    """
     from pymoo.algorithms.moo.nsga2 import NSGA2
     from pymoo.core.evaluator import Evaluator
     from pymoo.core.problem import Problem
@@ -76,25 +76,26 @@ def nsga2(space: SearchSpace, bounds: dict[str, float], objectives: tuple[str, .
     algorithm.setup(problem, termination=("n_gen", generations), seed=seed, verbose=False)
     seen: dict[str, Candidate] = {}
 
-    def evaluate(genome) -> tuple[list[float], list[float]]:
+    def within(genome) -> tuple[Candidate, list[float]]:
+        """The genome's candidate and its constraint violations (relative excess per bound; <= 0 within)."""
         target = {**fixed, **{k: space.choices[k][int(i)] for k, i in zip(genes, genome)}}
         c = seen.get(candidate_key(target)) or space.candidate(target)
         violation = [c.costs[k] / b - 1 if k in ANALYTIC else 0.0 for k, b in bounds.items()] or [0.0]
         if max(violation) <= 0 and ("latency" in bounds or "latency" in objectives):
-            c.costs.setdefault("latency", space.measured(c))
+            c.costs.setdefault("latency", space.measured(c))  # timed only when every analytic bound holds
             violation = [c.costs[k] / b - 1 for k, b in bounds.items()] or [0.0]
-        if max(violation) > 0:
-            return [_INFEASIBLE] * len(objectives), violation
-        values = objective_values(c, objectives, kl)
-        c.costs["kl"] = values[objectives.index("kl")] if "kl" in objectives else math.nan
-        seen[c.key] = c
-        return values, violation
+        return c, violation
 
     while algorithm.has_next():
         pop = algorithm.ask()
-        rows = [evaluate(x) for x in pop.get("X")]
-        Evaluator().eval(StaticProblem(problem, F=np.array([r[0] for r in rows]), G=np.array([r[1] for r in rows])),
-                         pop)
+        rows = [within(x) for x in pop.get("X")]
+        feasible = list({c.key: c for c, violation in rows if max(violation) <= 0}.values())
+        if "kl" in objectives:
+            for c, value in zip(feasible, kl(feasible) if feasible else [], strict=True):
+                c.costs["kl"] = value
+        seen.update({c.key: c for c in feasible})
+        F = [[c.costs[o] for o in objectives] if max(v) <= 0 else [_INFEASIBLE] * len(objectives) for c, v in rows]
+        Evaluator().eval(StaticProblem(problem, F=np.array(F), G=np.array([v for _, v in rows])), pop)
         algorithm.tell(infills=pop)
     return list(seen.values())
 

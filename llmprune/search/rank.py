@@ -10,6 +10,11 @@ candidate before ranking because ranks move after training. Here:
 3. the noise: every score is taken on two disjoint halves of the held-out samples (a and b); the report gives the
    mean relative gap |kl_a - kl_b| / kl and the Spearman correlation of the rankings by a and by b, and the
    Spearman correlation of the pruned-only and the distilled rankings of the finalists.
+
+Under torchrun the pruned candidates are dealt out: in each turn rank r scores the r-th missing candidate on its
+own (the whole held-out set, no collective inside), and the score rows are gathered on every rank with one sum, so
+every rank holds the same state and a 2-process search scores what a 1-process search scores, the same way. A
+finalist's short distillation is collective instead (DDP over all ranks, each with its share of the data).
 """
 
 from __future__ import annotations
@@ -19,13 +24,17 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
+from llmprune.distributed import all_reduce_sum, is_distributed, world_size
+from llmprune.distributed import rank as process_rank
 from llmprune.search.space import Candidate
 from llmprune.search.state import SearchState
 
 log = logging.getLogger("llmprune")
 
 Scorer = Callable[[Candidate], dict]
+FIELDS = ("kl", "kl_a", "kl_b", "perplexity")  # a pruned score row (`combined`), as gathered across ranks
 
 
 def ranks(values: list[float]) -> list[float]:
@@ -54,11 +63,12 @@ def spearman(a: list[float], b: list[float]) -> float | None:
     return float(ra @ rb) / norm if norm else None
 
 
-def halves(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two disjoint halves of the held-out samples (a: the first, b: the second)."""
-    if len(samples) < 2:
-        raise ValueError(f"the noise estimate needs at least 2 held-out samples, got {len(samples)}")
-    middle = len(samples) // 2
+def halves(samples: torch.Tensor, parts: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two disjoint halves of the held-out samples (a: the first, b: the second), each a multiple of `parts` samples
+    (the process count, so that each process evaluates an equal share of a half during a collective distillation)."""
+    middle = len(samples) // 2 // parts * parts
+    if middle < 1:
+        raise ValueError(f"the noise estimate needs 2 held-out samples per process ({parts}), got {len(samples)}")
     return samples[:middle], samples[middle: 2 * middle]
 
 
@@ -68,19 +78,42 @@ def combined(a: dict, b: dict) -> dict:
             "kl_b": b["kl_to_teacher"], "perplexity": (a["perplexity"] * b["perplexity"]) ** 0.5}
 
 
+def _gather_device() -> torch.device:
+    """Where a gathered tensor travels: CUDA for nccl, else the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def dealt(group: list[Candidate], score: Scorer) -> list[dict]:
+    """Candidate i of `group` (at most one per rank) scored by rank i alone; its row, with the rank that scored it
+    under "process", gathered on every rank (a sum of rows that are zero except on the rank that scored it, so every
+    value arrives bit for bit)."""
+    assert len(group) <= world_size(), (len(group), world_size())
+    values = torch.zeros(len(group), len(FIELDS) + 1, dtype=torch.float64)
+    me = process_rank()
+    if me < len(group):
+        row = score(group[me])
+        values[me] = torch.tensor([*(row[f] for f in FIELDS), me], dtype=torch.float64)
+    values = all_reduce_sum(values.to(_gather_device())).cpu()
+    return [{**dict(zip(FIELDS, v[:-1])), "process": int(v[-1])} for v in values.tolist()]
+
+
 def score_missing(candidates: list[Candidate], scored: dict[str, dict], score: Scorer, state: SearchState,
-                  what: str) -> tuple[int, float]:
-    """Score the candidates `scored` lacks, saving the state after each. Returns how many were scored and the
-    seconds that took."""
-    count, started = 0, time.perf_counter()
-    for i, c in enumerate(candidates):
-        if c.key in scored:
-            continue
-        scored[c.key] = score(c)
+                  what: str, deal: bool = False) -> tuple[int, float]:
+    """Score the candidates `scored` lacks, saving the state after each (with `deal`, after each turn of one
+    candidate per rank: `score` then runs on one process alone). Returns how many were scored and the seconds."""
+    missing = [c for c in candidates if c.key not in scored]
+    turn = world_size() if deal else 1
+    started = time.perf_counter()
+    for start in range(0, len(missing), turn):
+        group = missing[start: start + turn]
+        rows = dealt(group, score) if deal else [score(group[0])]
+        for c, row in zip(group, rows, strict=True):
+            scored[c.key] = row
+            log.info(f"search: {what} {candidates.index(c) + 1}/{len(candidates)} {c.key}: KL {row['kl']:.4f}")
         state.save()
-        count += 1
-        log.info(f"search: {what} {i + 1}/{len(candidates)} {c.key}: KL {scored[c.key]['kl']:.4f}")
-    return count, time.perf_counter() - started
+    return len(missing), time.perf_counter() - started
 
 
 def noise(rows: list[dict]) -> dict:
@@ -91,15 +124,18 @@ def noise(rows: list[dict]) -> dict:
 
 
 def rank(candidates: list[Candidate], top_k: int, finalists: int, state: SearchState, score_pruned: Scorer,
-         score_distilled: Scorer) -> dict:
+         score_distilled: Scorer, deal: bool = False) -> dict:
     """Score the first `top_k` candidates after pruning and the best `finalists` of them after distillation.
+
+    `deal`: the pruned candidates are dealt out across torchrun ranks (`score_pruned` runs on one process alone);
+    `score_distilled` always runs on every rank together.
 
     Returns:
         {pick, runners_up, scored (rows of every scored candidate, best first), finalists, noise, rank_correlation,
         newly_scored: {pruned, distilled}, score_seconds: {pruned, distilled} (of the newly scored)}.
     """
     top = candidates[:top_k]
-    new_pruned, pruned_s = score_missing(top, state.pruned, score_pruned, state, "pruned")
+    new_pruned, pruned_s = score_missing(top, state.pruned, score_pruned, state, "pruned", deal)
     by_pruned = sorted(top, key=lambda c: (state.pruned[c.key]["kl"], c.key))
     chosen = by_pruned[:finalists]
     new_distilled, distilled_s = score_missing(chosen, state.distilled, score_distilled, state, "distilled")

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llmprune import data as text
 from llmprune.adapters import get_adapter
-from llmprune.distributed import barrier, is_rank_zero
+from llmprune.distributed import barrier, is_rank_zero, rank, world_size
 from llmprune.errors import ConfigError
 from llmprune.evaluate import evaluate
 from llmprune.export.hf import check_exportable
@@ -30,7 +30,8 @@ from llmprune.plan import choose_layers, make_plan
 from llmprune.plan.constraints import Profile
 from llmprune.search.latency import LatencyMeter
 from llmprune.search.pareto import front_of, nsga2, pick, plot_front, write_csv
-from llmprune.search.rank import combined, halves, rank
+from llmprune.search.rank import combined, halves, score_missing
+from llmprune.search.rank import rank as rank_candidates
 from llmprune.search.space import Candidate, SearchSpace, search_choices
 from llmprune.search.state import SearchState
 from llmprune.stages.distillation import distill_student
@@ -98,14 +99,26 @@ def search_fingerprint(cfg: DictConfig, calibration: str) -> str:
 
 class Scorers:
     """KL to the teacher of a candidate pruned from the calibration scores, and after a short distillation, each on
-    two disjoint halves of the held-out samples."""
+    two disjoint halves of the held-out samples.
+
+    `heldout` is every held-out sample (the same on every rank). A pruned candidate is scored by one process alone on
+    both whole halves (the search deals the candidates out across ranks); a finalist's distillation runs on every
+    rank together, each evaluating its share of each half, the sums all-reduced: the same samples either way.
+    """
 
     def __init__(self, cfg: DictConfig, teacher: torch.nn.Module, adapter, scores: dict, heldout: torch.Tensor,
                  train: torch.Tensor, run_dir: Path, fingerprint: str):
         self.cfg, self.teacher, self.adapter, self.scores, self.train = cfg, teacher, adapter, scores, train
-        a, b = halves(heldout)
+        world = world_size()
+        try:
+            a, b = halves(heldout, world)
+        except ValueError:
+            raise ConfigError(f"data.eval_samples gives {len(heldout)} held-out samples; the search scores every "
+                              f"candidate on two halves with a share for each of the {world} processes: raise "
+                              f"data.eval_samples to at least {2 * world}.") from None
         self.a, self.b = (text.to_batches(h, cfg.data.batch_size) for h in (a, b))
-        self.run_dir, self.fingerprint = run_dir, fingerprint
+        self.a_share, self.b_share = (text.to_batches(h[rank():: world], cfg.data.batch_size) for h in (a, b))
+        self.run_dir, self.fingerprint = run_dir, f"{fingerprint}-{len(a)}"  # halves cut for another count differ
 
     def plan(self, c: Candidate):
         p = self.cfg.prune
@@ -115,9 +128,10 @@ class Scorers:
         return plan
 
     def pruned(self, c: Candidate) -> dict:
+        """Run by one process alone (no collective): the search deals the pruned candidates out across ranks."""
         student = get_adapter(self.teacher).apply(self.plan(c))
-        return combined(evaluate(student, self.a, teacher=self.teacher, desc="search: half a"),
-                        evaluate(student, self.b, teacher=self.teacher, desc="search: half b"))
+        return combined(evaluate(student, self.a, teacher=self.teacher, desc="search: half a", reduce=False),
+                        evaluate(student, self.b, teacher=self.teacher, desc="search: half b", reduce=False))
 
     def distilled(self, c: Candidate) -> dict:
         plan = self.plan(c)
@@ -128,11 +142,11 @@ class Scorers:
             folder.mkdir(parents=True, exist_ok=True)
         barrier()
         d = short_distill(self.cfg.distill, self.cfg.search.distill_tokens, self.train.shape[1])
-        history = distill_student(d, self.cfg.seed, student, student_adapter, self.teacher, plan, self.train, self.a,
-                                  folder, self.fingerprint)
+        history = distill_student(d, self.cfg.seed, student, student_adapter, self.teacher, plan, self.train,
+                                  self.a_share, folder, self.fingerprint)
         last = history[-1]
         a = {"kl_to_teacher": last["eval_kl"], "perplexity": last["eval_perplexity"]}
-        result = combined(a, evaluate(student, self.b, teacher=self.teacher, desc="search: half b"))
+        result = combined(a, evaluate(student, self.b_share, teacher=self.teacher, desc="search: half b"))
         if is_rank_zero():  # the score is in the state; the finalist's weights are not needed again
             shutil.rmtree(folder / "distill_ckpt", ignore_errors=True)
         return {**result, "tokens": last["tokens"]}
@@ -156,6 +170,7 @@ def run_search(cfg: DictConfig, space: SearchSpace, profile: Profile, scorers: S
     d = cfg.prune.depth
     space.layers_for = lambda keep: choose_layers(scorers.scores, n, keep, d.method, d.metric)["kept"]
     state = SearchState.load(run_dir / "search" / "state.json", scorers.fingerprint)
+    barrier()  # every rank has read the state before rank zero writes it again
     before = len(state.pruned) + len(state.distilled)
     folder = run_dir / "search"
     folder.mkdir(parents=True, exist_ok=True)
@@ -167,16 +182,15 @@ def run_search(cfg: DictConfig, space: SearchSpace, profile: Profile, scorers: S
         if not candidates:
             raise ConfigError("no candidate of the search grid fits every bound and a stock config; raise the bounds "
                               "or refine search.divisors.*")
-        result = rank(candidates, s.top_k, s.finalists, state, scorers.pruned, scorers.distilled)
+        result = rank_candidates(candidates, s.top_k, s.finalists, state, scorers.pruned, scorers.distilled,
+                                 deal=True)
         chosen = result.pop("pick")
         scored = result["scored"]
         section.update(result, candidates_within_budget=len(candidates))
     else:
-        def kl(c: Candidate) -> float:
-            if c.key not in state.pruned:
-                state.pruned[c.key] = scorers.pruned(c)
-                state.save()
-            return state.pruned[c.key]["kl"]
+        def kl(generation: list[Candidate]) -> list[float]:
+            score_missing(generation, state.pruned, scorers.pruned, state, "pruned", deal=True)
+            return [state.pruned[c.key]["kl"] for c in generation]
 
         evaluated = nsga2(space, profile.bounds, objectives, kl, s.population, s.generations, cfg.seed)
         if not evaluated:

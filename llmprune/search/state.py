@@ -36,9 +36,12 @@ class SearchState:
     @classmethod
     def load(cls, path: Path, fingerprint: str) -> SearchState:
         """The state at `path` when it has `fingerprint`, else an empty one (the old file set aside)."""
-        if path is None or not path.exists():
+        try:
+            data = json.loads(path.read_text()) if path is not None else None
+        except FileNotFoundError:  # none yet, or rank zero just set another fingerprint's state aside
+            data = None
+        if data is None:
             return cls(path, fingerprint)
-        data = json.loads(path.read_text())
         if data.get("fingerprint") != fingerprint:
             if is_rank_zero():
                 path.replace(path.with_name("state.previous.json"))
