@@ -31,6 +31,8 @@ from llmprune.distributed import barrier, is_rank_zero, rank, world_size
 from llmprune.errors import ConfigError
 from llmprune.evaluate import evaluate
 from llmprune.export.hf import check_exportable, push_to_hub
+from llmprune.files import make_output_dir
+from llmprune.harness import check_lm_eval, lm_eval_tasks, run_lm_eval
 from llmprune.importance.activation import summarize
 from llmprune.models import choose_streaming, load_model, resolve_source
 from llmprune.plan import PruningPlan, make_plan, resolve_targets
@@ -133,6 +135,17 @@ def plan_stage(prune: DictConfig, family: str, scores: dict, dims: dict, adapter
     return plan
 
 
+def lm_eval_stage(cfg: DictConfig, name: str, model, tokenizer, tasks: list[Path], report: dict, t: Timings) -> None:
+    """eval.lm_eval.tasks on `model` (teacher, pruned or final) into report["lm_eval"][name]; rank zero scores while
+    the other ranks wait (the model is whole on every rank here)."""
+    if not cfg.eval.lm_eval.tasks or name not in cfg.eval.lm_eval.models:
+        return
+    with t.stage(f"lm_eval_{name}"):
+        if is_rank_zero():
+            report.setdefault("lm_eval", {})[name] = run_lm_eval(model, tokenizer, cfg.eval.lm_eval, tasks, cfg.seed)
+        barrier()
+
+
 def base_report(cfg: DictConfig, source, adapter, plan: PruningPlan, params: dict, splits, evaluation: dict,
                 t: Timings) -> dict:
     return {
@@ -152,7 +165,7 @@ def run(cfg: DictConfig) -> dict:
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.output_dir)
     if is_rank_zero():
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_output_dir(run_dir)  # an output_dir that is a file or not writable fails here, by name
     barrier()
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     t = Timings()
@@ -172,6 +185,7 @@ def run(cfg: DictConfig) -> dict:
         adapter = get_adapter(teacher)
         dims = adapter.dims()
         target = check_targets(cfg, adapter)
+        check_lm_eval(cfg.eval.lm_eval)
         if cfg.backend == "megatron":  # fail before calibrating: the model converts, the targets split over TP
             check_convertible(teacher.config, cfg.megatron.tensor_parallel_size, target,
                               cfg.megatron.pipeline_parallel_size)
@@ -186,6 +200,7 @@ def run(cfg: DictConfig) -> dict:
         splits = load_data(cfg.data, tokenizer, cfg.seed)
         heldout = text.to_batches(even_share(splits.heldout), cfg.data.batch_size)
         device = next(teacher.parameters()).device
+        tasks = lm_eval_tasks(cfg.eval.lm_eval, splits.heldout, tokenizer, run_dir, cfg.seed)
 
     fingerprint = calibration_fingerprint(cfg, source)
     if cfg.distill.teacher_correction_steps:
@@ -230,6 +245,8 @@ def run(cfg: DictConfig) -> dict:
     report = base_report(cfg, source, adapter, plan, params, splits, evaluation, t)
     if found is not None:
         report["search"] = found
+    lm_eval_stage(cfg, "teacher", teacher, tokenizer, tasks, report, t)
+    lm_eval_stage(cfg, "pruned", student, tokenizer, tasks, report, t)
     probe = splits.heldout[:1].to(device)
     with t.stage("export_pruned"):
         report["architecture_written"] = export_stage("pruned", student, student_adapter, tokenizer, run_dir,
@@ -253,6 +270,7 @@ def run(cfg: DictConfig) -> dict:
         if cfg.eval.enabled:
             last = history[-1]  # eval_kl is None with the teacher cache: no teacher to compare with
             evaluation["final"] = {"perplexity": last["eval_perplexity"], "kl_to_teacher": last["eval_kl"]}
+        lm_eval_stage(cfg, "final", student, tokenizer, tasks, report, t)
         with t.stage("export_final"):
             report["architecture_written"] = export_stage("final", student, student_adapter, tokenizer, run_dir,
                                                           cfg.export, report, probe)

@@ -44,7 +44,25 @@ def summary_rows(report: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
                     + ((_fmt(final["perplexity"]),) if final else ()))
         rows.append(("KL to original (nats/token)", "0", _fmt(ev["pruned"].get("kl_to_teacher"), 4))
                     + ((_fmt(final["kl_to_teacher"], 4),) if final else ()))
+    rows += lm_eval_rows(report.get("lm_eval", {}), bool(final))
     return header, rows
+
+
+def lm_eval_rows(scores: dict[str, dict], final: bool) -> list[tuple[str, ...]]:
+    """One row per lm_eval task and metric: the teacher's, the pruned and (after distillation) the final score,
+    each with its standard error; "-" where a model was not scored (eval.lm_eval.models)."""
+    columns = ("teacher", "pruned") + (("final",) if final else ())
+    first = next((scores[c] for c in columns if c in scores), {})
+    rows = []
+    for task, metrics in first.items():
+        for metric in (m for m in metrics if not m.endswith("_stderr")):
+            cells = []
+            for column in columns:
+                got = scores.get(column, {}).get(task, {})
+                value, stderr = got.get(metric), got.get(f"{metric}_stderr")
+                cells.append(_fmt(value, 3) + (f" ± {stderr:.3f}" if isinstance(stderr, float) else ""))
+            rows.append((f"lm_eval {task} {metric}", *cells))
+    return rows
 
 
 def markdown_table(header: tuple[str, ...], rows) -> str:

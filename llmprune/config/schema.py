@@ -285,6 +285,29 @@ class DistillConfig:
 
 
 @dataclass
+class LMEvalConfig:
+    """lm-evaluation-harness tasks run in-process on the teacher, the pruned and the final model (pip install
+    'llmprune[lm_eval]'); their scores go to report.md / report.json and the model card.
+
+    tasks: task names, e.g. [llmprune_heldout] (built from this run's held-out text: pick the true continuation of a
+        passage among 4; offline), lm_eval's own tasks (their data comes from the Hub) or tasks in include_path.
+    include_path: a folder of task YAMLs over local data files (works offline).
+    models: which of teacher, pruned, final to score.
+    limit: at most this many examples per task (null: all).
+    num_fewshot: few-shot examples per prompt (null: each task's default).
+    batch_size / max_length: HFLM's (max_length null: the model's context length).
+    """
+
+    tasks: list[str] = field(default_factory=list)
+    include_path: str | None = None
+    models: list[str] = field(default_factory=lambda: ["teacher", "pruned", "final"])
+    limit: int | None = None
+    num_fewshot: int | None = None
+    batch_size: int = 8
+    max_length: int | None = None
+
+
+@dataclass
 class EvalConfig:
     """Evaluation on held-out text.
 
@@ -292,6 +315,7 @@ class EvalConfig:
     """
 
     enabled: bool = True
+    lm_eval: LMEvalConfig = field(default_factory=LMEvalConfig)
 
 
 @dataclass
@@ -398,6 +422,7 @@ def describe_schema() -> str:
                          ("prune", PruneConfig), ("prune.export_config", TargetsConfig),
                          ("prune.constraints", ConstraintsConfig), ("prune.gradnas", GradNASConfig),
                          ("prune.depth", DepthConfig), ("distill", DistillConfig), ("eval", EvalConfig),
+                         ("eval.lm_eval", LMEvalConfig),
                          ("export", ExportConfig), ("megatron", MegatronConfig), ("search", SearchConfig),
                          ("search.divisors", SearchDivisorsConfig), ("search.lowest_fraction", SearchFractionsConfig)):
         defaults = OmegaConf.structured(schema)

@@ -60,6 +60,7 @@ def validate(cfg: DictConfig) -> None:
     if not str(cfg.output_dir).strip():
         problems.append("output_dir is empty; set output_dir=<path>.")
     problems += _format_problems(cfg)
+    problems += _lm_eval_problems(cfg.eval.lm_eval)
     if cfg.backend == "megatron":
         problems += _megatron_problems(cfg)
     problems += _mode_problems(cfg)
@@ -239,4 +240,19 @@ def _search_problems(search: DictConfig) -> list[str]:
     for key, value in search.lowest_fraction.items():
         if not 0 < value <= 1:
             problems.append(f"search.lowest_fraction.{key}={value} must lie in (0, 1] (1 keeps the dimension).")
+    return problems
+
+
+def _lm_eval_problems(lm: DictConfig) -> list[str]:
+    problems = []
+    unknown = [m for m in lm.models if m not in ("teacher", "pruned", "final")]
+    if unknown:
+        problems.append(f"eval.lm_eval.models={list(lm.models)}: {unknown} not among teacher, pruned, final.")
+    for key in ("limit", "batch_size", "max_length"):
+        if lm[key] is not None and lm[key] < 1:
+            problems.append(f"eval.lm_eval.{key}={lm[key]} must be at least 1 (or null).")
+    if lm.num_fewshot is not None and lm.num_fewshot < 0:
+        problems.append(f"eval.lm_eval.num_fewshot={lm.num_fewshot} must be 0 or more (or null).")
+    if lm.include_path is not None and not os.path.isdir(lm.include_path):
+        problems.append(f"eval.lm_eval.include_path: '{lm.include_path}' is not a folder (of task YAML files).")
     return problems
