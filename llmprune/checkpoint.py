@@ -3,7 +3,8 @@
 Layout: <dir>/step_000050/{model.safetensors, optimizer.pt, scheduler.pt, state.json, rng_rank0.pt, ...} and
 <dir>/latest naming the newest complete step. A step directory is assembled under a temporary name and renamed
 only when every rank's part is in it, then `latest` is replaced in one rename: a kill at any instant leaves the
-previous checkpoint intact.
+previous checkpoint intact (tests/test_kill_resume.py kills a run inside the write). Reading a damaged checkpoint
+fails with the file's name and what to do.
 
 Model and optimizer state are whole tensors keyed by parameter name (torch.distributed.checkpoint's full state
 dicts), gathered to rank 0 from a plain, DDP or FSDP2-sharded module alike, so a checkpoint does not depend on how
@@ -13,13 +14,14 @@ many processes wrote it or how they sharded the model.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -29,6 +31,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from llmprune.distributed import barrier, is_rank_zero, rank
+from llmprune.files import load_safetensors, load_torch, read_json
+
+log = logging.getLogger("llmprune")
 
 GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on rank 0's CPU, {} elsewhere
 WHOLE = StateDictOptions(full_state_dict=True)  # loading: every rank passes whole tensors; FSDP keeps its shard
@@ -94,21 +99,54 @@ def save_checkpoint(directory: Path, step: int, module: torch.nn.Module, optimiz
     return final
 
 
+def _complete_steps(directory: Path) -> list[Path]:
+    """Step directories that were renamed into place (a temporary one starts with a dot), oldest first."""
+    return sorted(p for p in Path(directory).glob("step_*") if (p / "state.json").is_file())
+
+
+def _fix(path: Path) -> str:
+    """What to do about a damaged checkpoint: fall back to the one before it, or start over."""
+    older = [p for p in _complete_steps(path.parent) if p.name < path.name]
+    if older:
+        return f"delete {path} to resume from {older[-1].name}, or delete {path.parent} to start this stage over"
+    return f"delete {path.parent} to start this stage over"
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
-    pointer = Path(directory) / "latest"
-    if not pointer.exists():
-        return None
-    path = Path(directory) / pointer.read_text().strip()
-    return path if (path / "state.json").exists() else None
+    """The newest complete checkpoint: the one `latest` names, else (no pointer, or it names a step that is gone)
+    the newest step directory. Its state.json must parse: a damaged one is an InputFileError."""
+    directory = Path(directory)
+    pointer = directory / "latest"
+    named = directory / pointer.read_text().strip() if pointer.is_file() else None
+    path = named if named is not None and (named / "state.json").is_file() else None
+    if path is None:
+        steps = _complete_steps(directory)
+        if not steps:
+            return None
+        path = steps[-1]
+        if named is not None:
+            log.warning(f"{pointer} names {named.name}, which is gone; resuming from {path.name}")
+    read_json(path / "state.json", _fix(path))
+    return path
 
 
 def load_checkpoint(path: Path, module: torch.nn.Module, optimizer, scheduler) -> dict:
-    """Restore module, optimizer, scheduler and this rank's RNG; returns state.json (every rank calls it)."""
+    """Restore module, optimizer, scheduler and this rank's RNG; returns state.json (every rank calls it).
+
+    Every file is read before anything is restored, so a damaged one (an InputFileError naming it and the fix)
+    leaves the module, optimizer and scheduler as they were.
+    """
     path = Path(path)
-    set_model_state_dict(module, load_file(str(path / "model.safetensors")), options=WHOLE)
-    set_optimizer_state_dict(module, optimizer, torch.load(path / "optimizer.pt", weights_only=True), options=WHOLE)
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    fix = _fix(path)
+    state = read_json(path / "state.json", fix)
+    model_state = load_safetensors(path / "model.safetensors", fix)
+    optimizer_state = load_torch(path / "optimizer.pt", fix)
+    scheduler_state = load_torch(path / "scheduler.pt", fix)
     rng_file = path / f"rng_rank{rank()}.pt"
-    if rng_file.exists():
-        _set_rng_state(torch.load(rng_file, weights_only=True))
-    return json.loads((path / "state.json").read_text())
+    rng_state = load_torch(rng_file, fix) if rng_file.exists() else None
+    set_model_state_dict(module, model_state, options=WHOLE)
+    set_optimizer_state_dict(module, optimizer, optimizer_state, options=WHOLE)
+    scheduler.load_state_dict(scheduler_state)
+    if rng_state is not None:
+        _set_rng_state(rng_state)
+    return state

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from llmprune.errors import ConfigError
+from llmprune.errors import ConfigError, InputFileError
+from llmprune.files import read_utf8
 from llmprune.progress import log
 
 
@@ -42,18 +43,28 @@ def embedded_documents() -> list[str]:
 
 
 def _read_file(path: Path, text_field: str) -> list[str]:
-    if path.suffix == ".jsonl":
-        docs = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
+    fix = ("convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8 in.txt > out.txt) or remove it from data.paths")
+    content = read_utf8(path, fix)
+    if path.suffix != ".jsonl":
+        return [content]
+    docs = []
+    for n, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
-            if text_field not in row:
-                raise ConfigError(f"{path}:{n} has no key '{text_field}'; set data.text_field=<key> "
-                                  f"(keys here: {', '.join(row)}).")
-            docs.append(str(row[text_field]))
-        return docs
-    return [path.read_text(encoding="utf-8")]
+        except json.JSONDecodeError as err:
+            raise InputFileError(f"{path}:{n}: line {n} is not a JSON object ({err.msg}, column {err.colno}); each "
+                                 "line of a .jsonl file is one JSON object: fix or delete the line, or remove the "
+                                 "file from data.paths.") from err
+        if not isinstance(row, dict):
+            raise InputFileError(f"{path}:{n}: line {n} is a JSON {type(row).__name__}, not an object with a "
+                                 f"'{text_field}' key; fix or delete the line.")
+        if text_field not in row:
+            raise ConfigError(f"{path}:{n} has no key '{text_field}'; set data.text_field=<key> "
+                              f"(keys here: {', '.join(row)}).")
+        docs.append(str(row[text_field]))
+    return docs
 
 
 def load_documents(source: str, paths=(), dataset: str | None = None, dataset_config: str | None = None,
@@ -72,22 +83,30 @@ def load_documents(source: str, paths=(), dataset: str | None = None, dataset_co
                 docs += _read_file(f, text_field)
         return docs
     if source == "hf":
-        import datasets
+        return _hf_documents(dataset, dataset_config, split, text_field, max_documents)
+    raise ConfigError(f"Unknown data.source '{source}'. Known: embedded, files, hf.")
 
-        try:
-            ds = datasets.load_dataset(dataset, dataset_config, split=split, streaming=True)
-        except Exception as err:  # network, missing name, missing cache: say which key to change
-            raise ConfigError(f"data.dataset='{dataset}' could not be loaded ({type(err).__name__}: {err}). Without "
-                              "network use data.source=files data.paths=[...] or data.source=embedded.") from err
-        docs = []
-        for row in ds:
+
+def _hf_documents(dataset: str | None, dataset_config: str | None, split: str, text_field: str,
+                  max_documents: int) -> list[str]:
+    import datasets
+
+    fix = ("Without network use data.source=files data.paths=[...] or data.source=embedded (or, where there is "
+           "network, write the dataset as .jsonl files with Dataset.to_json and use data.source=files).")
+    docs = []
+    try:  # streaming: loading only resolves the files, the rows (and most network errors) come while iterating
+        for row in datasets.load_dataset(dataset, dataset_config, split=split, streaming=True):
             if text_field not in row:
                 raise ConfigError(f"data.text_field='{text_field}' is not a column of {dataset}: {', '.join(row)}.")
             docs.append(row[text_field])
             if len(docs) >= max_documents:
                 break
-        return docs
-    raise ConfigError(f"Unknown data.source '{source}'. Known: embedded, files, hf.")
+    except ConfigError:
+        raise
+    except Exception as err:  # network, missing name, missing cache, offline mode: say which key to change
+        raise ConfigError(f"data.dataset='{dataset}' (data.source=hf) could not be loaded ({type(err).__name__}: "
+                          f"{err}). {fix}") from err
+    return docs
 
 
 def token_stream(docs: list[str], tokenizer) -> torch.Tensor:

@@ -1,5 +1,10 @@
-"""The error every user mistake raises: the CLI prints its message and exits non-zero."""
+"""The errors a user's mistake or a damaged input raises: the CLI prints the message and exits non-zero."""
 
 
 class ConfigError(ValueError):
     """A user's configuration or input is wrong; the message lists every problem and its fix."""
+
+
+class InputFileError(ConfigError):
+    """A file the run reads is unreadable: truncated, corrupt, not UTF-8, malformed, or a directory that cannot be
+    made. The message names the file (and line, where there is one) and what to do about it."""

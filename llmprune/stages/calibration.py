@@ -10,11 +10,12 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llmprune import data as text
 from llmprune.distributed import data_shard, is_rank_zero, world_size
+from llmprune.errors import InputFileError
+from llmprune.files import load_safetensors, safetensors_metadata
 from llmprune.importance import unit_scores
 from llmprune.importance.depth import removal_scores
 
@@ -45,16 +46,19 @@ def calibration_fingerprint(cfg: DictConfig, source) -> str:
 
 
 def cached_scores(path: Path, fingerprint: str) -> dict[str, torch.Tensor]:
-    """The scores in `path` when they were made with `fingerprint`, else {}. An unreadable file is recomputed."""
+    """The scores in `path` when they were made with `fingerprint`, else {}.
+
+    The file is a cache of what calibration computes from the run's inputs: a damaged one (truncated, overwritten)
+    is reported by name and computed again, which is what deleting it by hand would do.
+    """
     if not path.exists():
         return {}
     try:
-        with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("fingerprint") != fingerprint:
-                return {}
-        scores = load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        log.warning(f"importance: {path} is unreadable ({err}); computing the scores again")
+        if safetensors_metadata(path, "").get("fingerprint") != fingerprint:
+            return {}
+        scores = load_safetensors(path, "")
+    except InputFileError as err:
+        log.warning(f"importance: {str(err).rstrip('; ')}; computing the scores again (the file will be replaced)")
         return {}
     log.info(f"importance: reusing {path} (same model, data and scoring settings)")
     return scores
