@@ -194,11 +194,14 @@ def hidden_state_loss(student_states, teacher_states, projection: nn.Module, val
     return torch.stack(losses).mean()
 
 
-def channel_projection(student_width: int, teacher_width: int, kept_channels: list[int] | None) -> nn.Linear:
-    """Learned student -> teacher hidden projection, initialized to put each kept channel back in its place."""
+def channel_projection(student_width: int, teacher_width: int, kept_channels: list[int] | None,
+                       scale: float = 1.0) -> nn.Linear:
+    """Learned student -> teacher hidden projection, initialized to put each kept channel back in its place, times
+    `scale` (1 / the residual scale of rescaled norms, `pruning.map.residual_scale`: then the student's layer outputs
+    start projected onto the teacher's)."""
     proj = nn.Linear(student_width, teacher_width, bias=False)
     with torch.no_grad():
         proj.weight.zero_()
         channels = kept_channels if kept_channels is not None else list(range(student_width))
-        proj.weight[torch.tensor(channels), torch.arange(student_width)] = 1.0
+        proj.weight[torch.tensor(channels), torch.arange(student_width)] = scale
     return proj

@@ -38,6 +38,8 @@ from llmprune.config import DistillConfig
 from llmprune.data import to_batches
 from llmprune.distill import SampleOrder, Student, batch_split, distill_loss, lr_factor
 from llmprune.evaluate import evaluate
+from llmprune.pruning.map import residual_scale
+from llmprune.stages.distillation import hidden_student
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "smollm2_minitron"
@@ -220,6 +222,32 @@ def test_hidden_loss_pairs_layer_outputs_when_the_teachers_last_layer_is_removed
     cfg = SimpleNamespace(**{**vars(DistillConfig()), "hidden_weight": 1.0, "hidden_loss": "mse"})
     _, parts = distill_loss(teacher, cfg, (1,), chunked)(Student(student, None, (0,)), ids)
     assert float(parts["hidden"]) > 1e-6, float(parts["hidden"])
+
+
+def test_hidden_loss_starts_at_zero_for_zeroed_hidden_channels_pruned():
+    """Hidden channels that carried nothing removed, and the teacher's last layer: with rescaled norms the student
+    computes exactly what the teacher did in its kept layers (on a residual stream scaled by c), and the projection
+    the distill stage builds (`hidden_student`: kept channels back in place, divided by c) maps its layer outputs
+    onto the teacher's. Plain slices change what each hidden norm averages over (36 channels, not 48)."""
+    teacher = tiny_model("llama", rms_norm_eps=1e-3)
+    removed = list(range(0, 48, 4))
+    with torch.no_grad():  # the residual stream carries nothing on `removed`
+        teacher.model.embed_tokens.weight[:, removed] = 0
+        for layer in teacher.model.layers:
+            layer.self_attn.o_proj.weight[removed] = 0
+            layer.mlp.down_proj.weight[removed] = 0
+    scores = {"hidden": torch.ones(48)}
+    scores["hidden"][removed] = 0
+    cfg = SimpleNamespace(**{**vars(DistillConfig()), "hidden_weight": 1.0, "hidden_loss": "mse"})
+    ids = tiny_batch(2, 16)
+    hidden = {}
+    for rescale in (False, True):
+        adapter = get_adapter(copy.deepcopy(teacher))
+        plan = plan_for(adapter, scores, {"hidden_size": 36}, drop_layers=[3], rescale_norms=rescale)
+        assert (residual_scale(plan) == 1.0) != rescale
+        module = hidden_student(adapter.apply(plan).train(), plan, (0, 1, 2))
+        hidden[rescale] = float(distill_loss(teacher, cfg, (0, 1, 2))(module, ids)[1]["hidden"])
+    assert hidden[True] < 1e-14 and hidden[False] > 1e4 * hidden[True], hidden
 
 
 def test_hidden_loss_without_layer_pairs_is_a_config_error():

@@ -188,21 +188,41 @@ def hidden_norms(model) -> list:
     return [getattr(layer, name) for layer in model.model.layers for name in HIDDEN_NORMS] + [model.model.norm]
 
 
+def per_head_norm_outputs(model, ids) -> list[torch.Tensor]:
+    """The outputs of every q_norm / k_norm (qwen3; [] elsewhere) on `ids`."""
+    outputs, handles = [], []
+    for layer in model.model.layers:
+        for name in ("q_norm", "k_norm"):
+            if hasattr(layer.self_attn, name):
+                handles.append(getattr(layer.self_attn, name).register_forward_hook(
+                    lambda _m, _i, out: outputs.append(out.detach())))
+    logits_of(model, ids)
+    for handle in handles:
+        handle.remove()
+    return outputs
+
+
+EPS = 1e-3  # of the order of the tiny models' mean squares: any slip of an epsilon shows in the logits
+
+
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_zeroed_hidden_channels_pruned(family, tied):
-    model = tiny_model(family, tie_word_embeddings=tied)
+    model = tiny_model(family, tie_word_embeddings=tied, rms_norm_eps=EPS)
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     d, keep = 48, 36
     channels = sorted(torch.randperm(d, generator=torch.Generator().manual_seed(7))[: d - keep].tolist())
     zero_hidden_channels(model, channels)
     ids = tiny_batch()
     zeroed_logits = logits_of(model, ids)
+    zeroed_head_norms = per_head_norm_outputs(model, ids)
+    assert len(zeroed_head_norms) == (8 if family == "qwen3" else 0)
     adapter = get_adapter(model)
     scores = random_scores(adapter)
     scores["hidden"][channels] = 0
     kept = [c for c in range(d) if c not in channels]
 
-    # With rescaled norms the width change is compensated exactly: the same function.
+    # With rescaled norms the width change is compensated exactly: the same function. The config's epsilon (shared
+    # by qwen3's per-head q_norm / k_norm, whose width does not change) stays; the residual stream is scaled instead.
     rescaled = copy.deepcopy(model)
     adapter_r = get_adapter(rescaled)
     plan = plan_for(adapter_r, scores, {"hidden_size": keep}, rescale_norms=True)
@@ -213,10 +233,20 @@ def test_zeroed_hidden_channels_pruned(family, tied):
     assert (rescaled.lm_head.weight is rescaled.model.embed_tokens.weight) == tied
     assert rescaled.model.layers[0].self_attn.o_proj.weight.shape == (keep, 48)  # (hidden, heads * hd)
     assert rescaled.config.hidden_size == keep
-    assert rescaled.config.rms_norm_eps == pytest.approx(1e-6 * d / keep, rel=1e-12)
+    assert rescaled.config.rms_norm_eps == EPS
     for norm in hidden_norms(rescaled):
-        assert norm.weight.shape == (keep,) and norm.variance_epsilon == pytest.approx(1e-6 * d / keep, rel=1e-12)
+        assert norm.weight.shape == (keep,) and norm.variance_epsilon == EPS
     assert_close(logits_of(rescaled, ids), zeroed_logits)
+    # qwen3's q_norm / k_norm (over head_dim, unchanged): the same weights, epsilon and outputs
+    for before, after in zip(model.model.layers, rescaled.model.layers):
+        for name in ("q_norm", "k_norm"):
+            if hasattr(before.self_attn, name):
+                old, new = getattr(before.self_attn, name), getattr(after.self_attn, name)
+                assert torch.equal(old.weight, new.weight) and old.variance_epsilon == new.variance_epsilon == EPS
+    rescaled_head_norms = per_head_norm_outputs(rescaled, ids)
+    assert len(rescaled_head_norms) == len(zeroed_head_norms)
+    for before, after in zip(zeroed_head_norms, rescaled_head_norms):
+        assert_close(after, before, atol=1e-5)
 
     # Without rescaling, mean(x^2) now divides by d' instead of d: the pruned model is the zeroed model whose
     # hidden norms have weight * sqrt(d'/d) and eps * d'/d, since
@@ -224,7 +254,7 @@ def test_zeroed_hidden_channels_pruned(family, tied):
     plain = copy.deepcopy(model)
     adapter_p = get_adapter(plain)
     plain = adapter_p.apply(plan_for(adapter_p, scores, {"hidden_size": keep}, rescale_norms=False))
-    assert plain.config.rms_norm_eps == 1e-6
+    assert plain.config.rms_norm_eps == EPS
     pruned_logits = logits_of(plain, ids)
     assert (pruned_logits - zeroed_logits).abs().max() > 1e-3, "the norm width change should matter here"
     expected_model = copy.deepcopy(model)
@@ -233,6 +263,29 @@ def test_zeroed_hidden_channels_pruned(family, tied):
             norm.weight.mul_((keep / d) ** 0.5)
             norm.variance_epsilon *= keep / d
     assert_close(pruned_logits, logits_of(expected_model, ids))
+
+
+def test_rescaled_norms_keep_tensors_plain_slices_times_one_factor_each():
+    """What rescale_norms does to the tensors, by kind (llmprune/pruning/map.py, norm_factor): with r = d / d', the
+    residual writers and the head are slices times sqrt(1 / r), hidden norms times sqrt(r), the final norm times r,
+    and everything else (q/k/v, gate/up, qwen3's q_norm / k_norm) a plain slice."""
+    model = tiny_model("qwen3")
+    adapter = get_adapter(copy.deepcopy(model))
+    plan = plan_for(adapter, random_scores(adapter), {"hidden_size": 32}, rescale_norms=True)
+    pruned = adapter.apply(plan).state_dict()
+    h, r = torch.tensor(plan.hidden), 48 / 32
+    factors = {"embed_tokens.weight": r**-0.5, "lm_head.weight": r**-0.5, "o_proj.weight": r**-0.5,
+               "down_proj.weight": r**-0.5, "layernorm.weight": r**0.5, "model.norm.weight": r}
+    for name, tensor in model.state_dict().items():
+        if name.endswith(("embed_tokens.weight", "lm_head.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight",
+                          "gate_proj.weight", "up_proj.weight")):
+            expected = tensor[:, h]
+        elif name.endswith(("o_proj.weight", "down_proj.weight", "layernorm.weight", "model.norm.weight")):
+            expected = tensor[h]
+        else:
+            expected = tensor
+        factor = next((f for suffix, f in factors.items() if name.endswith(suffix)), 1.0)
+        torch.testing.assert_close(pruned[name], expected * factor, rtol=1e-6, atol=0, msg=name)
 
 
 def test_everything_zeroed_at_once_pruned_keeps_logits(family):

@@ -4,10 +4,9 @@ Each mixer's gated RMSNorm normalizes y * silu(z) over G groups of n = heads * h
 Mamba heads or head-dim channels makes every group n' wide and "removing units that were zeroed changes nothing"
 holds only with that norm adjusted. Exactly, when the removed channels of y * silu(z) are zero:
   rescale_norms=False: pruned == original with each gated norm's weight * sqrt(n'/n) and epsilon * n'/n;
-  rescale_norms=True:  pruned == original with each gated norm's epsilon * (n'/n) * (d/d'),
-where d/d' is the hidden-width ratio when hidden channels are removed too, else 1 (the config has one
-layer_norm_epsilon for every norm, and the hidden-width norms need epsilon * d/d'). So with rescaling the pruned
-model is the same function when n/n' == d/d', and otherwise differs only through epsilon.
+  rescale_norms=True:  pruned == original, for any hidden and Mamba widths together (the config's one
+                       layer_norm_epsilon becomes epsilon * n/n', which the gated norms need, and the hidden norms'
+                       width change is carried by scaling the residual stream: llmprune/pruning/map.py, norm_factor).
 
 Mamba2Config also needs hidden_size * expand == heads * head_dim with a whole expand, so the targets below keep
 heads * head_dim a multiple of hidden_size (Nemotron-H has no such tie and runs the same shapes).
@@ -93,15 +92,14 @@ def zero_x(model, per_layer: dict[int, list[int]]) -> None:
             m.conv1d.bias[channels] = 0
 
 
-def adjust_gated_norms(model, width_ratio: float, rescaled: bool, hidden_ratio: float = 1.0) -> None:
+def adjust_gated_norms(model, width_ratio: float, rescaled: bool) -> None:
     """Turn the original (zeroed) model into the function the pruned one computes (module docstring)."""
+    if rescaled:  # the same function
+        return
     with torch.no_grad():
         for m in mixers(model).values():
-            if rescaled:
-                m.norm.variance_epsilon *= width_ratio * hidden_ratio
-            else:
-                m.norm.weight.mul_(width_ratio**0.5)
-                m.norm.variance_epsilon *= width_ratio
+            m.norm.weight.mul_(width_ratio**0.5)
+            m.norm.variance_epsilon *= width_ratio
 
 
 def per_group_choice(seed: int, per_group: int) -> list[int]:
@@ -159,7 +157,10 @@ def test_zeroed_mamba_heads_pruned(ssm_family, rescale):
         assert m.norm.weight.shape == (48,) and m.norm.group_size == 24 and m.out_proj.weight.shape == (48, 48)
     assert adapter.dims()["mamba_num_heads"] == 6
     assert_close(logits_of(model, ids), logits_of(expected, ids))
-    assert (logits_of(model, ids) - zeroed).abs().max() > 1e-3  # the width effect is real: unadjusted differs
+    if not rescale:  # the width effect is real: unadjusted, the plain slices differ
+        assert (logits_of(model, ids) - zeroed).abs().max() > 1e-3
+    else:
+        assert model.config.layer_norm_epsilon == pytest.approx(1e-3 * 12 / 6)  # n / n'
 
 
 @pytest.mark.parametrize("rescale", [False, True], ids=["plain", "rescaled"])
@@ -220,15 +221,14 @@ def zero_hidden_channels(model, channels: list[int]) -> None:
 @pytest.mark.parametrize("ssm_family, tied", [("mamba2", False), ("mamba2", True), ("nemotron_h", False)],
                          ids=["mamba2-untied", "mamba2-tied", "nemotron_h"])  # NemotronHForCausalLM never ties
 def test_zeroed_hidden_channels_pruned_with_rescaled_norms(ssm_family, tied):
-    """Hidden norms are exact with rescaling (as for decoders); the gated norms share the config's epsilon, which
-    becomes epsilon * d/d'."""
+    """Hidden norms are exact with rescaling (as for decoders), and the gated norms, whose width does not change,
+    keep the config's epsilon: the same function."""
     model = tiny_ssm_model(ssm_family, tie_word_embeddings=tied)
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
     channels = sorted(torch.randperm(48, generator=torch.Generator().manual_seed(7))[:16].tolist())
     zero_hidden_channels(model, channels)
     ids = tiny_batch()
     expected = copy.deepcopy(model)
-    adjust_gated_norms(expected, 1.0, rescaled=True, hidden_ratio=48 / 32)
     adapter = get_adapter(model)
     scores = hand_scores(adapter)
     scores["hidden"][channels] = 0
@@ -239,18 +239,20 @@ def test_zeroed_hidden_channels_pruned_with_rescaled_norms(ssm_family, tied):
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
     for m in mixers(model).values():
         assert m.in_proj.weight.shape[1] == 32 and m.out_proj.weight.shape == (32, INNER)
-    assert model.config.layer_norm_epsilon == pytest.approx(1e-3 * 48 / 32)
+    assert model.config.layer_norm_epsilon == 1e-3
     if ssm_family == "mamba2":
         assert model.config.expand == 3  # 32 * 3 == 12 * 8
     assert_close(logits_of(model, ids), logits_of(expected, ids))
 
 
-def test_rescaled_norms_are_exact_when_width_ratios_match(ssm_family):
-    """hidden 48 -> 32 and heads 6 -> 4 per group: d/d' == n/n' == 1.5, so the pruned model is the same function."""
+@pytest.mark.parametrize("per_group", [4, 2], ids=["ratios_equal", "ratios_differ"])
+def test_rescaled_norms_are_exact_for_hidden_and_mamba_widths_together(ssm_family, per_group):
+    """hidden 48 -> 32 (d/d' = 1.5) with heads 6 -> 4 per group (n/n' = 1.5) or 6 -> 2 (n/n' = 3): the pruned model
+    is the same function either way (the config's epsilon follows n/n', the residual stream the hidden width)."""
     model = tiny_ssm_model(ssm_family)
     layers = list(mixers(model))
     hidden = sorted(torch.randperm(48, generator=torch.Generator().manual_seed(3))[:16].tolist())
-    kept = {i: per_group_choice(seed=20 + i, per_group=4) for i in layers}
+    kept = {i: per_group_choice(seed=20 + i, per_group=per_group) for i in layers}
     zero_hidden_channels(model, hidden)
     zero_gate(model, {i: channels_of([h for h in range(HEADS) if h not in kept[i]], range(HEAD_DIM)) for i in layers})
     ids = tiny_batch()
@@ -261,10 +263,12 @@ def test_rescaled_norms_are_exact_when_width_ratios_match(ssm_family):
     for i in layers:
         scores[f"mamba_heads.{i}"][[h for h in range(HEADS) if h not in kept[i]]] = 0
     plain = copy.deepcopy(model)
-    model = adapter.apply(plan_for(adapter, scores, {"hidden_size": 32, "mamba_num_heads": 8}, rescale_norms=True))
+    targets = {"hidden_size": 32, "mamba_num_heads": 2 * per_group}
+    model = adapter.apply(plan_for(adapter, scores, targets, rescale_norms=True))
+    assert model.config.layer_norm_epsilon == pytest.approx(1e-3 * 6 / per_group)
     assert_close(logits_of(model, ids), before)
     plain_adapter = get_adapter(plain)
-    plain = plain_adapter.apply(plan_for(plain_adapter, scores, {"hidden_size": 32, "mamba_num_heads": 8}))
+    plain = plain_adapter.apply(plan_for(plain_adapter, scores, targets))
     assert (logits_of(plain, ids) - before).abs().max() > 1e-3  # without rescaling both widths show
 
 

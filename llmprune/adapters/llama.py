@@ -25,27 +25,27 @@ def _layer_rules(prefix: str) -> tuple[Rule, ...]:
         Rule(p + "self_attn.q_proj.weight", ("q", "hidden"), matmul=True),
         Rule(p + "self_attn.k_proj.weight", ("kv", "hidden"), matmul=True),
         Rule(p + "self_attn.v_proj.weight", ("kv", "hidden"), matmul=True),
-        Rule(p + "self_attn.o_proj.weight", ("hidden", "q"), matmul=True, kind="attention"),
+        Rule(p + "self_attn.o_proj.weight", ("hidden", "q"), scale="residual", matmul=True, kind="attention"),
         Rule(p + "self_attn.q_proj.bias", ("q",)),
         Rule(p + "self_attn.k_proj.bias", ("kv",)),
         Rule(p + "self_attn.v_proj.bias", ("kv",)),
-        Rule(p + "self_attn.o_proj.bias", ("hidden",)),
+        Rule(p + "self_attn.o_proj.bias", ("hidden",), scale="residual"),
         Rule(p + "self_attn.q_norm.weight", (None,)),  # qwen3: per head_dim, never pruned
         Rule(p + "self_attn.k_norm.weight", (None,)),
         Rule(p + "mlp.gate_proj.weight", ("ffn", "hidden"), matmul=True),
         Rule(p + "mlp.up_proj.weight", ("ffn", "hidden"), matmul=True),
-        Rule(p + "mlp.down_proj.weight", ("hidden", "ffn"), matmul=True),
+        Rule(p + "mlp.down_proj.weight", ("hidden", "ffn"), scale="residual", matmul=True),
         Rule(p + "mlp.gate_proj.bias", ("ffn",)),
         Rule(p + "mlp.up_proj.bias", ("ffn",)),
-        Rule(p + "mlp.down_proj.bias", ("hidden",)),
+        Rule(p + "mlp.down_proj.bias", ("hidden",), scale="residual"),
     )
 
 
 PRUNING_MAP = PruningMap(
     rules=(
-        Rule("model.embed_tokens.weight", (None, "hidden")),
-        Rule("model.norm.weight", ("hidden",), scale="hidden"),
-        Rule("lm_head.weight", (None, "hidden"), matmul=True),
+        Rule("model.embed_tokens.weight", (None, "hidden"), scale="residual"),
+        Rule("model.norm.weight", ("hidden",), scale="final"),
+        Rule("lm_head.weight", (None, "hidden"), scale="residual", matmul=True),
         *_layer_rules("model.layers.{i}."),
     ),
     layers="model.layers.{i}.",

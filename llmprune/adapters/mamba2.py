@@ -50,9 +50,9 @@ def check_expand(config, target: dict[str, int]) -> int:
 
 PRUNING_MAP = PruningMap(
     rules=(
-        Rule("backbone.embeddings.weight", (None, "hidden")),
-        Rule("backbone.norm_f.weight", ("hidden",), scale="hidden"),
-        Rule("lm_head.weight", (None, "hidden"), matmul=True),
+        Rule("backbone.embeddings.weight", (None, "hidden"), scale="residual"),
+        Rule("backbone.norm_f.weight", ("hidden",), scale="final"),
+        Rule("lm_head.weight", (None, "hidden"), scale="residual", matmul=True),
         Rule("backbone.layers.{i}.norm.weight", ("hidden",), scale="hidden"),
         *mixer_rules("backbone.layers.{i}.mixer."),
     ),

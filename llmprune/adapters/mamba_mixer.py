@@ -34,8 +34,8 @@ def mixer_rules(prefix: str) -> tuple[Rule, ...]:
         Rule(p + "D", ("m_heads",)),
         Rule(p + "dt_bias", ("m_heads",)),
         Rule(p + "norm.weight", ("m_inner",), scale="gated"),
-        Rule(p + "out_proj.weight", ("hidden", "m_inner"), matmul=True),
-        Rule(p + "out_proj.bias", ("hidden",)),
+        Rule(p + "out_proj.weight", ("hidden", "m_inner"), scale="residual", matmul=True),
+        Rule(p + "out_proj.bias", ("hidden",), scale="residual"),
     )
 
 

@@ -214,9 +214,11 @@ class PruneConfig:
     importance: activation (Minitron) | magnitude | taylor | random; the last three are baselines for ablations.
     export_config: target sizes.
     depth: layer selection.
-    rescale_norms: after removing hidden channels, rescale RMSNorm weights and epsilon by the width ratio so
-        the norm's statistics keep their scale (exact for channels that carried nothing). On by default: it
-        halves the held-out perplexity of width-pruned SmolLM2 before distillation (bench/prune_quality.py).
+    rescale_norms: after removing hidden (or Mamba) channels, rescale RMSNorm weights, the residual stream and, for
+        Mamba's gated norms, the config's epsilon so every norm keeps its statistics: exact for channels that
+        carried nothing, in every norm (norms whose width did not change, such as Qwen3's q/k norms, are untouched;
+        llmprune/pruning/map.py, norm_factor). On by default: it halves the held-out perplexity of width-pruned
+        SmolLM2 before distillation (bench/prune_quality.py).
     """
 
     mode: str = "minitron"

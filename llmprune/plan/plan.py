@@ -36,7 +36,7 @@ class PruningPlan:
         ffn / heads / groups: per kept layer that has them, kept FFN neurons, query heads and KV heads (None = all).
         mamba_heads / mamba_head_dim: per kept Mamba layer, kept Mamba heads (the same number in every n_groups
             group) and kept head-dim channels (one set shared by all heads of the layer); None = all.
-        rescale_norms: rescale RMSNorm weight and epsilon for the hidden width change (see pruning/map.py, norm_factor).
+        rescale_norms: compensate the norms for the width change exactly (see pruning/map.py, norm_factor).
         depth: how the layers were chosen and the removed layers' scores.
         summary: per dimension, how much of the importance mass the kept units carry.
     """

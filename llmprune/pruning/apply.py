@@ -13,13 +13,12 @@ import torch
 from torch import nn
 
 from llmprune.plan import PruningPlan
+from llmprune.pruning.map import eps_factor
 
 
 def eps_scale(plan: PruningPlan) -> float:
     """The factor the config's norm epsilon is multiplied by (see map.norm_factor)."""
-    if plan.rescale_norms and plan.hidden is not None:
-        return plan.original["hidden_size"] / plan.target["hidden_size"]
-    return 1.0
+    return eps_factor(plan)
 
 
 def pruned_config(adapter, plan: PruningPlan):

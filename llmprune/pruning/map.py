@@ -37,8 +37,10 @@ class Rule:
         pattern: the parameter name with `{i}` for the layer index, e.g. "model.layers.{i}.mlp.down_proj.weight".
         axes: per tensor axis, its index space (or a tuple of parts for a fused axis; None keeps the axis whole).
             Trailing axes that are not listed are kept whole (e.g. a conv kernel).
-        scale: "hidden" for RMSNorm weights over the hidden width and "gated" for Mamba's grouped gated norm: with
-            `plan.rescale_norms` the kept weights are multiplied by sqrt(old width / new width) (see `norm_factor`).
+        scale: with `plan.rescale_norms`, the factor the kept values are multiplied by (`norm_factor`): "hidden"
+            for RMSNorm weights over the hidden width, "final" for the final norm's, "gated" for Mamba's grouped
+            gated norm, "residual" for every tensor that writes into the residual stream (the input embedding and
+            the output projections of attention, MLP and Mamba mixers) and for the LM head.
         matmul: the weight of a linear layer (forward FLOPs: 2 per weight element per token); "first" for one that
             runs on the first token only (BERT's pooler).
         kind: "attention" or "ssm" on one parameter of every attention / Mamba mixer (the cost model counts
@@ -201,20 +203,63 @@ def axis_size(axis: Axis, length: int, old: dict[str, int], new: dict[str, int])
     return sum(_fixed_size(parts, length, old) if p is None else new[p] for p in parts)
 
 
-def norm_factor(scale: str | None, plan, spaces: dict) -> float | None:
-    """The rescaling of a norm weight under `plan.rescale_norms` (None: unchanged).
+def width_ratios(plan) -> tuple[float, float]:
+    """(r, g): the hidden width ratio d / d' and the Mamba gated norm's group width ratio n / n' (1 where unchanged)."""
+    o, t = plan.original, plan.target
+    r = o["hidden_size"] / len(plan.hidden) if plan.hidden is not None else 1.0
+    g = 1.0
+    if "mamba_num_heads" in o:
+        g = o["mamba_num_heads"] * o["mamba_head_dim"] / (t["mamba_num_heads"] * t["mamba_head_dim"])
+    return r, g
 
-    "hidden": RMSNorm over the hidden width d -> d': weight * sqrt(d / d') (with the config's epsilon * d / d', the
-    normalised output of an input whose removed channels are zero is unchanged). "gated": Mamba's gated norm
-    normalises groups of I / G channels; its group width changes with the kept heads and head-dim channels.
+
+def eps_factor(plan) -> float:
+    """The factor the config's norm epsilon is multiplied by under `plan.rescale_norms` (see `norm_factor`)."""
+    return width_ratios(plan)[1] if plan.rescale_norms else 1.0
+
+
+def residual_scale(plan) -> float:
+    """The factor c the pruned model's residual stream is scaled by under `plan.rescale_norms` (see `norm_factor`):
+    the pruned model's layer outputs are c times the original's (1 without rescaling)."""
+    if not plan.rescale_norms:
+        return 1.0
+    r, g = width_ratios(plan)
+    return (g / r) ** 0.5
+
+
+def norm_factor(scale: str | None, plan, spaces: dict) -> float | None:
+    """The factor a tensor is multiplied by under `plan.rescale_norms` (None: unchanged).
+
+    An RMSNorm over width d computes w x / sqrt(sum(x^2) / d + eps). Removing channels makes it divide by d' < d; if
+    the removed channels of x carried nothing (were zero), the pruned model computes exactly what the original did
+    when, with r = d / d' (hidden) and g = n / n' (the Mamba gated norm's group width, 1 without Mamba pruning):
+      - the config's epsilon (one for every norm of the model) becomes eps * g (`eps_factor`);
+      - the residual stream is scaled by c = sqrt(g / r): the input embedding and every output projection that adds
+        into it (o_proj, down_proj, Mamba's out_proj, weights and biases) are multiplied by c (`residual_scale`);
+      - every hidden norm's weight by sqrt(r) (its input is c x, its epsilon eps * g: w sqrt(r) c x / sqrt(c^2 r
+        sum(x^2) / d + eps g) = w x / sqrt(sum(x^2) / d + eps));
+      - the final norm's weight by r / sqrt(g) = sqrt(r) / c, since the LM head is multiplied by c as well (so a
+        tied head, which is the embedding, and an untied one are treated alike);
+      - each Mamba gated norm's weight by sqrt(n / n') of its layer (its input is not on the residual stream).
+    Norms whose width does not change (Qwen3's per-head q_norm / k_norm) keep both weight and epsilon: with g = 1 for
+    every family without Mamba layers, they compute exactly what they did. So every norm is exact, in every family
+    (tests/test_invariants.py, tests/test_mamba.py). Without rescaling the weights are plain slices: each norm then
+    averages over its new width (for hidden norms, sum(x^2) / d' instead of / d).
     """
     if scale is None or not plan.rescale_norms:
         return None
+    r, g = width_ratios(plan)
     if scale == "hidden":
-        return (plan.original["hidden_size"] / len(plan.hidden)) ** 0.5 if plan.hidden is not None else None
-    channels = spaces.get("m_inner")
-    if channels is None:
-        return None
-    groups = plan.original["mamba_num_groups"]
-    old_group = plan.original["mamba_num_heads"] * plan.original["mamba_head_dim"] // groups
-    return (old_group / (len(channels) // groups)) ** 0.5
+        factor = r**0.5
+    elif scale == "final":
+        factor = r / g**0.5
+    elif scale == "residual":
+        factor = (g / r) ** 0.5
+    else:  # "gated": this layer's group width ratio
+        channels = spaces.get("m_inner")
+        if channels is None:
+            return None
+        groups = plan.original["mamba_num_groups"]
+        old_group = plan.original["mamba_num_heads"] * plan.original["mamba_head_dim"] // groups
+        factor = (old_group / (len(channels) // groups)) ** 0.5
+    return None if factor == 1.0 else factor

@@ -12,12 +12,27 @@ from llmprune.distill_cache import TeacherCache, cached_distill_loss
 from llmprune.evaluate import evaluate
 from llmprune.losses import channel_projection
 from llmprune.plan import PruningPlan
+from llmprune.pruning.map import residual_scale
 
 
 def unit_names(root: torch.nn.Module, layers) -> tuple[str, ...]:
     """The names of `layers` inside `root`: the FSDP units when distill.strategy=fsdp."""
     names = {id(m): n for n, m in root.named_modules()}
     return tuple(names[id(layer)] for layer in layers)
+
+
+def hidden_student(student: torch.nn.Module, plan: PruningPlan, hidden_layers: tuple[int, ...]) -> Student:
+    """The student with the outputs of its layers `hidden_layers` (student layer j came from teacher layer
+    plan.kept_layers[j]) projected onto the teacher's hidden width: each kept channel back in its place, divided by
+    the residual scale of rescaled norms (then a student layer that computes what its teacher layer did starts at
+    zero hidden loss)."""
+    projection = None
+    scale = residual_scale(plan)
+    if hidden_layers and (plan.hidden is not None or scale != 1.0):
+        projection = channel_projection(plan.target["hidden_size"], plan.original["hidden_size"], plan.hidden,
+                                        1.0 / scale)
+        projection.to(next(student.parameters()).device)
+    return Student(student, projection, hidden_layers)
 
 
 def distill_student(distill: DictConfig, seed: int, student, student_adapter, teacher: torch.nn.Module | TeacherCache,
@@ -30,15 +45,10 @@ def distill_student(distill: DictConfig, seed: int, student, student_adapter, te
     """
     d = distill
     student.requires_grad_(True)  # built from the frozen teacher's tensors
-    hidden_layers, projection = (), None
-    if d.hidden_weight:
-        hidden_layers = tuple(range(len(plan.kept_layers)))  # student layer j came from teacher layer kept_layers[j]
-        if plan.hidden is not None:
-            projection = channel_projection(plan.target["hidden_size"], plan.original["hidden_size"], plan.hidden)
-            projection.to(next(student.parameters()).device)
+    hidden_layers = tuple(range(len(plan.kept_layers))) if d.hidden_weight else ()
     if d.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module = Student(student, projection, hidden_layers)
+    module = hidden_student(student, plan, hidden_layers)
     cached = isinstance(teacher, TeacherCache)
     if cached:
         loss = cached_distill_loss(teacher, d)
