@@ -293,3 +293,49 @@ def test_drop_layers_removes_the_named_layers_without_a_depth_search(tiny_model_
         llmprune.run("smollm2_minitron_depth", tiny_run_overrides(
             tiny_model_dirs["llama"], tmp_path / "bad", "prune.export_config.num_layers=3",
             "prune.depth.drop_layers=[0,2]"))
+
+
+# -- search recipes: a budget (prune.constraints) instead of targets ------------------------------------------------
+# recipe -> (model, budget); smollm2_minitron_search's tiny end-to-end run and resume are in test_search.py
+SEARCH_RECIPES = {"smollm2_minitron_search": ("embedded:smollm2", {"params": "84.0M"}),
+                  "qwen3_minitron_search": ("Qwen/Qwen3-8B", {"params": "6.0B"})}
+
+
+@pytest.mark.parametrize("recipe", sorted(SEARCH_RECIPES))
+def test_search_recipe_composes_and_its_budget_fits_the_real_architecture(recipe):
+    """The recipe composes with its published budget and no targets; on the real architecture (meta device) the
+    budget is satisfiable, and the candidates using most of it are within it and cost what their pruned models count."""
+    from llmprune.search.space import SearchSpace, search_choices
+
+    cfg = llmprune.load_config(recipe)
+    model_path, budget = SEARCH_RECIPES[recipe]
+    assert cfg.recipe == recipe and cfg.model.path == model_path and cfg.distill.max_steps > 0
+    assert {k: v for k, v in cfg.prune.constraints.items() if v is not None} == budget
+    assert all(v is None for v in cfg.prune.export_config.values()), "the search chooses the targets"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(REAL[recipe.split("_minitron")[0]]))
+    adapter = get_adapter(model)
+    dims = adapter.dims()
+    choices = search_choices(dims, dict(cfg.search.divisors), dict(cfg.search.lowest_fraction))
+    space = SearchSpace(adapter.cost_model(), dims, choices, cfg.data.seq_len)
+    profile = space.profile(dict(cfg.prune.constraints))
+    profile.check()
+    top = space.candidates(profile.bounds)[: cfg.search.top_k]
+    assert len(top) == cfg.search.top_k and all(c.costs["params"] <= profile.bounds["params"] for c in top)
+    assert top[0].costs["params"] > 0.99 * profile.bounds["params"], "the largest candidates under the budget first"
+    assert adapter.count_params({**dims, **top[0].target}) == top[0].costs["params"]
+
+
+def test_qwen3_search_recipe_runs_end_to_end_on_tiny_model(tiny_model_dirs, tmp_path):
+    """qwen3_minitron_search on a tiny random Qwen3: its 6B budget becomes 85% of the tiny model, the grid stays the
+    recipe's (automatic divisors), fewer candidates; the pick is exported as a stock Qwen3 that transformers loads."""
+    out = tmp_path / "run"
+    report = llmprune.run("qwen3_minitron_search", tiny_run_overrides(
+        tiny_model_dirs["qwen3"], out, "prune.constraints.params=85%", "prune.depth.num_samples=2", "search.top_k=3",
+        "search.finalists=1", "search.distill_tokens=64"))
+    search = report["search"]
+    assert report["params"]["after"] <= search["bounds"]["params"] < report["params"]["before"] == TINY_PARAMS["qwen3"]
+    assert len(search["scored"]) == 3 and search["pick"] in search["finalists"]
+    assert report["architecture_written"].startswith("Qwen3ForCausalLM")
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert n_params(final) == report["params"]["after"] and final.config.hidden_size == search["target"]["hidden_size"]

@@ -96,6 +96,10 @@ def test_bad_grids_name_every_key():
         assert key in message, message
     with pytest.raises(ConfigError, match="only the unpruned model"):
         search_choices(dims, {}, {k: 1.0 for k in WIDTHS})
+    qwen3_8b = {"hidden_size": 4096, "ffn_hidden_size": 12288, "num_attention_heads": 32, "num_query_groups": 8,
+                "num_layers": 36}
+    with pytest.raises(ConfigError, match=r"raise search.divisors.\* or search.lowest_fraction.\*"):
+        search_choices(qwen3_8b, {"hidden_size": 1, "ffn_hidden_size": 1}, WIDTHS)
 
 
 def test_bad_budgets_stop_before_any_work_with_the_range(llama):

@@ -66,16 +66,23 @@ class PruningMap:
     layers: str
     tied: tuple[str, str] | None = field(default=None)  # (head, embedding) names that share one tensor when tied
 
+    @cached_property
+    def _matched(self) -> dict[str, tuple[Rule, int | None]]:
+        return {}  # name -> rule_for(name): the cost model asks for every parameter of every search candidate
+
     def rule_for(self, name: str) -> tuple[Rule, int | None]:
         """The rule that matches `name` and the layer index it names (None outside the layers).
 
         Raises:
             KeyError: no rule matches (a parameter the adapter does not know: refuse rather than guess).
         """
+        if name in self._matched:
+            return self._matched[name]
         for rule in self.rules:
             m = rule.regex.match(name)
             if m:
-                return rule, int(m.group(1)) if m.groups() else None
+                self._matched[name] = rule, int(m.group(1)) if m.groups() else None
+                return self._matched[name]
         raise KeyError(f"no pruning rule for parameter '{name}'; the adapter's pruning map must list it")
 
     def layer_of(self, name: str) -> int | None:
