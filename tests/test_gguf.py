@@ -10,6 +10,7 @@ from conftest import tiny_model
 
 from llmprune.errors import ConfigError
 from llmprune.export.gguf import check_gguf_family, write_gguf
+from llmprune.export.llama_cpp import LlamaCpp
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -123,19 +124,7 @@ def test_unsupported_models_fail_with_the_fix(tmp_path, bpe_tokenizer):
 
 
 def _llama_cpp_greedy(path, prompt: list[int], n: int) -> list[int]:
-    """Greedy ids from llama.cpp (xllamacpp's in-process server) with f32 KV cache and no flash attention, whose
-    f16 Q·K would otherwise move logits by ~1e-3."""
-    xlc = pytest.importorskip("xllamacpp")
-    params = xlc.CommonParams()
-    params.model.path = str(path)
-    params.n_ctx, params.n_parallel = 256, 1
-    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 1
-    params.cache_type_k = params.cache_type_v = xlc.ggml_type.GGML_TYPE_F32
-    params.flash_attn_type = xlc.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    server = xlc.Server(params)
-    out = server.handle_completions({"prompt": prompt, "n_predict": n, "temperature": 0, "top_k": 1, "logprobs": 1,
-                                     "ignore_eos": True, "cache_prompt": False})
-    return [step["id"] for step in out["choices"][0]["logprobs"]["content"]]
+    return LlamaCpp(path, n_ctx=256, threads=1).greedy(prompt, n)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
@@ -148,6 +137,26 @@ def test_llama_cpp_continues_like_transformers(tmp_path, bpe_tokenizer, family):
     expected = ours[0, len(prompt):].tolist()
     got = _llama_cpp_greedy(tmp_path / "model.gguf", prompt, 40)
     assert got == expected, (got, expected)
+
+
+def test_llama_cpp_perplexity_of_f16_file_matches_transformers(tmp_path, bpe_tokenizer):
+    """Teacher-forced log-probabilities from llama.cpp: the f32 file's equal transformers' per token, the f16 file's
+    perplexity is within 1%."""
+    from llmprune.data import to_batches
+    from llmprune.evaluate import evaluate
+
+    model = tiny_model("llama", vocab_size=len(bpe_tokenizer), **PRUNED)
+    windows = torch.randint(2, len(bpe_tokenizer), (3, 24), generator=torch.Generator().manual_seed(0))  # (N, S)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(windows[:1]).logits[0, :-1].float(), -1)  # (S-1, V)
+    expected = logprobs.gather(-1, windows[0, 1:, None])[:, 0]
+    write_gguf(model, bpe_tokenizer, tmp_path / "f32.gguf", "f32")
+    got = torch.tensor(LlamaCpp(tmp_path / "f32.gguf", n_ctx=64, threads=1).logprobs(windows[0].tolist()))
+    assert torch.allclose(got, expected, atol=1e-3), (got - expected).abs().max()
+    ours = evaluate(model, to_batches(windows, 3))["perplexity"]
+    write_gguf(model, bpe_tokenizer, tmp_path / "f16.gguf", "f16")
+    theirs = LlamaCpp(tmp_path / "f16.gguf", n_ctx=64, threads=1).perplexity(windows)
+    assert abs(theirs / ours - 1) < 0.01, (theirs, ours)
 
 
 @pytest.mark.slow
@@ -169,6 +178,15 @@ def test_pruned_smollm2_in_llama_cpp(tmp_path, smollm2_loaded):
     expected = ours[0, len(prompt):].tolist()
     got = _llama_cpp_greedy(tmp_path / "model.gguf", prompt, 32)
     assert got == expected, (tokenizer.decode(got), tokenizer.decode(expected))
+    # f16, the type users ship: held-out perplexity in llama.cpp within 1% of transformers'
+    from llmprune.data import split_stream, to_batches
+    from llmprune.evaluate import evaluate
+
+    heldout = split_stream(token_stream(embedded_documents(), tokenizer), 96, 4, 2, 0.1, 0).heldout
+    write_gguf(pruned, tokenizer, tmp_path / "f16.gguf", "f16")
+    ours = evaluate(pruned, to_batches(heldout, 2))["perplexity"]
+    theirs = LlamaCpp(tmp_path / "f16.gguf", n_ctx=128).perplexity(heldout)
+    assert abs(theirs / ours - 1) < 0.01, (theirs, ours)
 
 
 def test_pipeline_writes_gguf_next_to_each_stage(tmp_path, bpe_tokenizer):
@@ -203,3 +221,35 @@ def test_validation_lists_gguf_problems(tmp_path):
     message = str(err.value)
     assert "'onnx' is not one of: hf, gguf" in message and "must contain hf" in message
     assert "'mamba2' model" in message, message
+
+
+def test_exported_gguf_reloads_exactly_and_prunes_again(tmp_path, bpe_tokenizer):
+    """Round trip: pruned/model.gguf (f32) loads back through transformers with the q/k reordering undone (same
+    logits as pruned/), and serves as model.path of a second run that prunes it further."""
+    from conftest import tiny_run_overrides
+    from transformers import AutoModelForCausalLM
+
+    import llmprune
+    from llmprune.models import load_model
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama", vocab_size=len(bpe_tokenizer), **PRUNED).save_pretrained(model_dir)
+    bpe_tokenizer.save_pretrained(model_dir)
+    first = tmp_path / "first"
+    llmprune.run("smollm2_minitron", tiny_run_overrides(
+        model_dir, first, "prune.export_config.hidden_size=null", "prune.export_config.ffn_hidden_size=48",
+        "prune.export_config.num_attention_heads=4",
+        "export.formats=[hf,gguf]", "export.gguf_type=f32", "distill.max_steps=0"))
+    reloaded, _, source = load_model(str(first / "pruned" / "model.gguf"), device="cpu")
+    assert source.gguf_file == "model.gguf"
+    hf = AutoModelForCausalLM.from_pretrained(first / "pruned")
+    ids = torch.randint(2, len(bpe_tokenizer), (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, hf(ids).logits, atol=1e-5)
+    second = tmp_path / "second"
+    report = llmprune.run("smollm2_minitron", tiny_run_overrides(
+        first / "pruned" / "model.gguf", second, "prune.export_config.ffn_hidden_size=32",
+        "prune.export_config.hidden_size=40", "distill.max_steps=0"))
+    assert report["original"]["ffn_hidden_size"] == 48 and report["original"]["num_attention_heads"] == 4
+    assert (report["target"]["ffn_hidden_size"], report["target"]["hidden_size"]) == (32, 40)
+    assert (second / "pruned" / "config.json").is_file()
