@@ -315,3 +315,24 @@ def test_two_process_search_equals_one_process_search(tiny_model_dirs, tmp_path)
     assert two["newly_scored"] == one["newly_scored"] == {"pruned": 4, "distilled": 1}
     state_1, state_2 = (json.loads((tmp_path / d / "search" / "state.json").read_text()) for d in ("one", "two"))
     assert state_1["pruned"].keys() == state_2["pruned"].keys(), "rank zero saved every process's scores"
+
+
+def test_heldout_teacher_runs_once_per_batch_and_scores_bit_for_bit(llama):
+    from llmprune.data import to_batches
+    from llmprune.evaluate import evaluate
+    from llmprune.search.stage import HeldoutTeacher
+
+    model, adapter = llama
+    student = get_adapter(model).apply(make_plan("llama", random_unit_scores(adapter), adapter.dims(),
+                                                 {"hidden_size": 32}))
+    batches = to_batches(torch.randint(2, 128, (4, 16), generator=torch.Generator().manual_seed(0)), 2)
+    calls = []
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        cached = HeldoutTeacher(model)
+        first, second = (evaluate(student, batches, teacher=cached) for _ in range(2))
+        assert len(calls) == len(batches), "the teacher runs once per held-out batch, not once per candidate"
+        live = evaluate(student, batches, teacher=model)
+    finally:
+        handle.remove()
+    assert first == second == live
