@@ -1,8 +1,9 @@
 """Text for calibration and held-out evaluation: sources, tokenization, packing and the held-out split.
 
-Documents are tokenized, joined with EOS into one stream and cut into packed samples of `seq_len` tokens,
-so no padding is needed. The stream's tail (`eval_fraction`) is the held-out region: calibration (and later
-distillation) draws only from the head, evaluation only from the tail.
+Documents are de-duplicated (exact repeats; for the embedded text also repeated passages, so no passage sits on
+both sides of the held-out cut), tokenized, joined with EOS into one stream and cut into packed samples of
+`seq_len` tokens, so no padding is needed. The stream's tail (`eval_fraction`) is the held-out region: calibration
+(and later distillation) draws only from the head, evaluation only from the tail.
 """
 
 from __future__ import annotations
@@ -36,10 +37,42 @@ class TextSplits:
 
 
 def embedded_documents() -> list[str]:
-    """Python's pydoc topics (ships with CPython, about 100K tokens), in a fixed order."""
+    """Python's pydoc topics (ships with CPython; 92K SmolLM2 tokens), in a fixed order, each repeated passage kept
+    only where it first appears (see dedupe_passages: 113K tokens before)."""
     from pydoc_data.topics import topics
 
-    return [topics[key] for key in sorted(topics)]
+    return dedupe_passages([topics[key] for key in sorted(topics)])
+
+
+# Shorter paragraphs are headings and boilerplate ("Note:", "New in version 3.10.", "object.__len__(self)"). At 32
+# no 128-character run of the held-out tail is also in the head; at 64, runs of repeated list items still were.
+MIN_PASSAGE_CHARS = 32
+
+
+def dedupe_passages(docs: list[str], min_chars: int = MIN_PASSAGE_CHARS) -> list[str]:
+    """Drop every paragraph of at least `min_chars` characters that appeared earlier (in this or an earlier document).
+
+    The pydoc topics repeat whole passages across topics (about a fifth of the text): a passage in both the
+    calibration / training head and the held-out tail would let evaluation measure memorization. Documents left
+    empty are dropped.
+    """
+    seen: set[str] = set()
+    out, dropped = [], 0
+    for doc in docs:
+        kept = []
+        for paragraph in doc.split("\n\n"):
+            key = " ".join(paragraph.split())
+            if len(key) >= min_chars:
+                if key in seen:
+                    dropped += 1
+                    continue
+                seen.add(key)
+            kept.append(paragraph)
+        if any(p.strip() for p in kept):
+            out.append("\n\n".join(kept))
+    if dropped:
+        log.info(f"data: dropped {dropped} repeated passages (paragraphs of {min_chars}+ characters seen before)")
+    return out
 
 
 def _read_file(path: Path, text_field: str) -> list[str]:
@@ -69,7 +102,8 @@ def _read_file(path: Path, text_field: str) -> list[str]:
 
 def load_documents(source: str, paths=(), dataset: str | None = None, dataset_config: str | None = None,
                    split: str = "train", text_field: str = "text", max_documents: int = 20000) -> list[str]:
-    """Documents from `source`: embedded | files | hf (see DataConfig)."""
+    """Documents from `source`: embedded | files | hf (see DataConfig). Exact repeats of a document are dropped
+    (the embedded text also loses its repeated passages)."""
     if source == "embedded":
         return embedded_documents()
     if source == "files":
@@ -81,10 +115,18 @@ def load_documents(source: str, paths=(), dataset: str | None = None, dataset_co
             files = sorted(f for f in path.rglob("*") if f.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
             for f in files:
                 docs += _read_file(f, text_field)
-        return docs
+        return unique(docs)
     if source == "hf":
-        return _hf_documents(dataset, dataset_config, split, text_field, max_documents)
+        return unique(_hf_documents(dataset, dataset_config, split, text_field, max_documents))
     raise ConfigError(f"Unknown data.source '{source}'. Known: embedded, files, hf.")
+
+
+def unique(docs: list[str]) -> list[str]:
+    """The documents in order, each exact repeat dropped (a repeat on both sides of the held-out cut leaks it)."""
+    out = list(dict.fromkeys(docs))
+    if len(out) < len(docs):
+        log.info(f"data: dropped {len(docs) - len(out)} repeated documents")
+    return out
 
 
 def _hf_documents(dataset: str | None, dataset_config: str | None, split: str, text_field: str,

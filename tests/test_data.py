@@ -11,7 +11,14 @@ from transformers import AutoTokenizer
 
 import llmprune
 from llmprune import ConfigError
-from llmprune.data import embedded_documents, load_documents, split_stream, token_stream
+from llmprune.data import (
+    MIN_PASSAGE_CHARS,
+    dedupe_passages,
+    embedded_documents,
+    load_documents,
+    split_stream,
+    token_stream,
+)
 
 
 def test_heldout_tail_is_disjoint_from_calibration():
@@ -67,6 +74,50 @@ def test_jsonl_without_the_text_field_names_line_and_keys(tmp_path):
     message = str(err.value)
     assert f"{path}:2 has no key 'text'" in message and "data.text_field=<key>" in message, message
     assert "keys here: content, id" in message
+
+
+def test_dedupe_keeps_the_first_copy_of_each_passage_and_every_short_paragraph(tmp_path):
+    long_a, long_b = "a" * MIN_PASSAGE_CHARS, "b b  b" + "b" * MIN_PASSAGE_CHARS
+    docs = [f"Note:\n\n{long_a}\n\n{long_b}", f"Note:\n\n{long_a}", f"{long_a}\n\n{long_b.replace('  ', ' ')}", "x"]
+    assert dedupe_passages(docs) == [docs[0], "Note:", "x"]  # whitespace-normalized match; empty documents go
+    for name in ("a.txt", "b.txt"):  # user files lose exact repeats of a whole document only
+        (tmp_path / name).write_text(docs[0], encoding="utf-8")
+    (tmp_path / "c.txt").write_text(docs[1], encoding="utf-8")
+    assert load_documents("files", [str(tmp_path)]) == [docs[0], docs[1]]
+
+
+def test_embedded_text_has_each_passage_once_and_no_heldout_run_in_the_head(tiny_model_dirs):
+    """The pydoc topics repeat passages (operator tables, container methods, ...). After de-duplication no paragraph
+    of MIN_PASSAGE_CHARS+ characters appears twice, none is lost, and with a token per character no 128-token run of
+    the held-out tail occurs anywhere in the head that calibration and distillation draw from (the raw text has
+    thousands)."""
+    from pydoc_data.topics import topics
+
+    raw = [topics[key] for key in sorted(topics)]
+    docs = embedded_documents()
+
+    def long_paragraphs(texts):
+        return [k for k in (" ".join(p.split()) for t in texts for p in t.split("\n\n")) if len(k) >= MIN_PASSAGE_CHARS]
+
+    kept = long_paragraphs(docs)
+    assert len(kept) == len(set(kept)) == len(set(long_paragraphs(raw))), (len(kept), len(set(kept)))
+    assert len(long_paragraphs(raw)) - len(kept) > 300  # the repeats that went
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs["llama"])  # one token per character
+    eval_fraction = llmprune.load_config("smollm2_minitron").data.eval_fraction
+
+    def runs_shared_with_head(texts, n=128):
+        stream = token_stream(texts, tokenizer)
+        splits = split_stream(stream, seq_len=32, num_samples=4, eval_samples=2, eval_fraction=eval_fraction)
+        head, tail = stream[: splits.calib_region_tokens], stream[splits.calib_region_tokens:]
+        # distillation / calibration windows are the head's, held-out ones the tail's
+        assert torch.equal(splits.train.flatten(), head[: splits.train.numel()]) and len(tail) > 10_000
+        assert torch.equal(splits.heldout.flatten(), tail[: splits.heldout.numel()])
+        seen = {row.tobytes() for row in head.unfold(0, n, 1).numpy()}
+        return sum(row.tobytes() in seen for row in tail.unfold(0, n, 1).numpy())
+
+    assert runs_shared_with_head(docs) == 0
+    assert runs_shared_with_head(raw) > 1000
 
 
 def test_token_stream_joins_documents_with_eos(tiny_model_dirs):
