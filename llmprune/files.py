@@ -13,11 +13,17 @@ import os
 import struct
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
 
 from llmprune.errors import InputFileError
+
+if TYPE_CHECKING:  # torch is imported where a tensor is read: config validation reads JSON only
+    import torch
+
+
+MODEL_FIX = "download or export the model again (the file is damaged; its size should match the source's)"
 
 
 def _problem(err: BaseException) -> str:
@@ -46,6 +52,8 @@ def load_safetensors(path: Path, fix: str) -> dict[str, torch.Tensor]:
 
 def load_torch(path: Path, fix: str):
     """A torch.save file of tensors and plain values, read with weights_only=True (no code is unpickled)."""
+    import torch
+
     try:
         return torch.load(path, weights_only=True)
     except Exception as err:  # RuntimeError (zip), EOFError, UnpicklingError (not weights-only), OSError

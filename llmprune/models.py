@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from llmprune.errors import ConfigError, InputFileError
-from llmprune.files import check_gguf, read_json, safetensors_metadata
+from llmprune.files import MODEL_FIX, check_gguf, read_json, safetensors_metadata
 
 # Models shipped inside PyPI packages, so the default recipe and the real-model tests run offline.
 # name -> (package, folder inside it, GGUF file or None, description)
@@ -53,7 +53,7 @@ def resolve_source(path: str, gguf_file: str | None = None) -> ModelSource:
                                   f"{package.replace('_', '-')}")
         return source
     local = Path(path).expanduser()
-    fix = "download or export the model again (the file is damaged; its size should match the source's)"
+    fix = MODEL_FIX
     if local.is_file():
         if local.suffix != ".gguf":
             raise ConfigError(f"model.path='{path}' is a file but not a .gguf; pass a GGUF file or a model directory.")
@@ -82,13 +82,15 @@ def resolve_source(path: str, gguf_file: str | None = None) -> ModelSource:
 
 
 def check_model_files(source: ModelSource, fix: str) -> None:
-    """Fail with the file's name when a local checkpoint is truncated or corrupt: every safetensors header parses and
-    its tensors cover the file, a sharded index names files that exist, a GGUF's tensors lie inside it. Headers
-    only (milliseconds; 0.2 s for a 100 MB GGUF's vocabulary), once per file version."""
+    """Fail with the file's name when a local checkpoint is truncated or corrupt: config.json parses, every
+    safetensors header parses and its tensors cover the file, a sharded index names files that exist, a GGUF's
+    tensors lie inside it. Headers only (milliseconds; 0.2 s for a 100 MB GGUF's vocabulary), once per file version."""
     folder = Path(source.location)
     if source.gguf_file:
         _check_file(folder / source.gguf_file, fix)
         return
+    if (folder / "config.json").is_file():
+        read_json(folder / "config.json", fix)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index, fix).get("weight_map", {})

@@ -114,6 +114,20 @@ def test_truncated_model_safetensors_names_the_file(capsys, tiny_model_dirs, tmp
     assert_failed(*cli(capsys, model_dir, out), f"{model_dir / 'model.safetensors'} is truncated or corrupt")
 
 
+@pytest.mark.parametrize("extra", [(), ("export.formats=[hf,gguf]",)])  # read when the run starts / at validation
+def test_corrupt_config_json_names_the_file(capsys, tiny_model_dirs, tmp_path, extra):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dirs["llama"], model_dir)
+    truncate(model_dir / "config.json")
+    out = tmp_path / "run"
+    code, err = cli(capsys, model_dir, out, *extra)
+    assert_failed(
+        code, err, f"{model_dir / 'config.json'} is missing or not valid JSON", "download or export the model again"
+    )
+    assert "Hub" not in err  # not the message for a model that could not be downloaded
+    assert_nothing_finished(out)
+
+
 def test_truncated_gguf_names_the_file(capsys, tmp_path):
     import gguf
 

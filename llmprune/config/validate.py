@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -10,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llmprune.config.schema import CHOICES
 from llmprune.errors import ConfigError
+from llmprune.files import MODEL_FIX, read_json
 
 
 def validate(cfg: DictConfig) -> None:
@@ -122,7 +122,7 @@ def _format_problems(cfg: DictConfig) -> list[str]:
         from llmprune.export.gguf import check_gguf_family
 
         try:
-            check_gguf_family(json.loads(config_json.read_text()).get("model_type"))
+            check_gguf_family(read_json(config_json, MODEL_FIX).get("model_type"))
         except ConfigError as err:
             problems.append(str(err))
     if "gguf" in formats and cfg.model.streaming is True:
@@ -149,7 +149,7 @@ def _megatron_problems(cfg: DictConfig) -> list[str]:
                         f"models ({', '.join(MEGATRON_FAMILIES)}). Use backend=hf.")
     config_json = Path(str(cfg.model.path)).expanduser() / "config.json"
     if config_json.is_file():
-        model_config = json.loads(config_json.read_text())
+        model_config = read_json(config_json, MODEL_FIX)
         model_type, layers = model_config.get("model_type"), model_config.get("num_hidden_layers")
         if model_type not in MEGATRON_FAMILIES:
             problems.append(f"backend=megatron converts llama-like models ({', '.join(MEGATRON_FAMILIES)}); "
