@@ -695,6 +695,25 @@ def test_fsdp_teacher_correction_matches_one_process(reference, tmp_path):
 
 
 # -- teacher correction -------------------------------------------------------------------------------------------
+def correction_text_losses(model_dir, run_dir, settings: dict) -> tuple[float, float]:
+    """LM loss of the original and of the corrected teacher (run_dir's last correction checkpoint) on the windows
+    teacher correction trains on (the distillation windows of the run's data settings)."""
+    from transformers import AutoTokenizer
+
+    from llmprune.checkpoint import latest_checkpoint
+    from llmprune.pipeline import load_data
+
+    cfg = llmprune.load_config(RECIPE, overrides(model_dir, run_dir, **settings))
+    windows = load_data(cfg.data, AutoTokenizer.from_pretrained(model_dir), cfg.seed).train
+    original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    corrected = copy.deepcopy(original)
+    state = load_file(str(latest_checkpoint(Path(run_dir) / "correct_ckpt") / "model.safetensors"))
+    missing, unexpected = corrected.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # a tied head is not stored
+    batches = to_batches(windows, 4)
+    return evaluate(original, batches)["loss"], evaluate(corrected, batches)["loss"]
+
+
 def test_teacher_correction_fine_tunes_the_teacher_first(reference, tmp_path):
     out = tmp_path / "corrected"
     correction = {"distill.teacher_correction_steps": 4, "distill.teacher_correction_lr": 1e-3,
@@ -705,9 +724,13 @@ def test_teacher_correction_fine_tunes_the_teacher_first(reference, tmp_path):
     assert rows[0]["lr"] == pytest.approx(1e-3 * lr_factor(0, 4, 4, 0.1))
     assert (out / "correct_ckpt" / "latest").exists() and len(metrics(out)) == 2
     assert list(report["timings_s"])[:4] == ["load", "data", "correct_teacher", "calibrate"]
-    # the teacher changed: its held-out loss (same text as the reference run's) moved
+    # the teacher changed, towards the correction text: its LM loss on the windows it was corrected on went down
+    # (the held-out loss, same text as the reference run's, moved as well)
     before, after = reference.report["eval"]["teacher"]["loss"], report["eval"]["teacher"]["loss"]
     assert abs(after - before) > 1e-3, (before, after)
+    original, corrected = correction_text_losses(reference.model_dir, out, correction)
+    print(f"\nLM loss on the correction windows: original {original:.4f}, corrected {corrected:.4f}")
+    assert corrected < original - 0.05, (original, corrected)
     assert math.isfinite(report["eval"]["final"]["kl_to_teacher"])
 
     # other correction settings: the correction checkpoint of this teacher is not resumed (set aside instead)
