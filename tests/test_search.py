@@ -255,6 +255,37 @@ def test_api_searches_within_constraints(llama):
         llmprune.prune(model, mode="minitron", constraints={"params": 1000}, calib_data=calib)
 
 
+def test_api_search_takes_a_latency_budget_and_distils_the_finalists(llama):
+    """prune(constraints={"latency": 10}) measures every candidate shape (10 s: timing noise never binds); search
+    finalists are distilled on distill_data and re-ranked by their distilled KL; the model passed in (the teacher) is
+    left as it was."""
+    model, _ = llama
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    calib, train = torch.randint(2, 128, (4, 16), generator=g), torch.randint(2, 128, (8, 16), generator=g)
+    search = {"divisors": DIVISORS, "lowest_fraction": WIDTHS, "top_k": 3, "finalists": 2, "distill_tokens": 64,
+              "latency_repeats": 1, "seq_len": 16}
+    pruned, plan = llmprune.prune(model, mode="minitron", constraints={"params": "85%", "latency": 10},
+                                  calib_data=calib, batch_size=2, seq_len=16, depth_samples=2, search=search,
+                                  distill_data=train, distill={"precision": "fp32", "lr": 1e-3})
+    found = plan.summary["search"]
+    assert found["latency_measured"] >= len(found["scored"]) and found["pick_costs"]["latency"] > 0
+    assert found["pick_costs"]["latency"] <= found["bounds"]["latency"]
+    assert real_param_count(pruned) <= found["bounds"]["params"]
+    distilled = [r for r in found["scored"] if "distilled_kl" in r]
+    assert len(distilled) == 2 and all(r["distilled_tokens"] == 64 for r in distilled)
+    assert found["pick"] == min(distilled, key=lambda r: r["distilled_kl"])["key"], "the pick: lowest distilled KL"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the teacher was trained"
+    with pytest.raises(ConfigError, match="pass distill_data="):
+        llmprune.prune(model, mode="minitron", constraints={"params": "85%"}, calib_data=calib, search={"finalists": 1})
+    with pytest.raises(ConfigError, match="unknown key.*objectives"):
+        llmprune.prune(model, mode="minitron", constraints={"params": "85%"}, calib_data=calib,
+                       search={"objectives": ["kl", "latency"]})
+    with pytest.raises(ConfigError, match="distill=.*learning_rate"):
+        llmprune.prune(model, mode="minitron", constraints={"params": "85%"}, calib_data=calib, search=search,
+                       distill_data=train, distill={"learning_rate": 1e-3})
+
+
 @pytest.mark.parametrize("overrides, messages", [
     (["search.top_k=0", "search.finalists=4", "search.objectives=[kl,speed]", "search.divisors.hidden_size=0",
       "search.lowest_fraction.num_layers=0"],

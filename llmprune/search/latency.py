@@ -33,10 +33,11 @@ class LatencyMeter:
         adapter: its adapter (rewrites the config to a candidate's shape).
         batch_size / seq_len: the timed input.
         repeats: timed runs per shape (the median is kept).
-        path: the JSON cache.
+        path: the JSON cache (None: kept in memory only, as the Python API does).
     """
 
-    def __init__(self, model: torch.nn.Module, adapter, batch_size: int, seq_len: int, repeats: int, path: Path):
+    def __init__(self, model: torch.nn.Module, adapter, batch_size: int, seq_len: int, repeats: int,
+                 path: Path | None):
         self.model, self.adapter, self.repeats, self.path = model, adapter, repeats, path
         self.param = next(model.parameters())
         self.shape = (batch_size, seq_len)
@@ -45,7 +46,7 @@ class LatencyMeter:
         self.measured = 0  # shapes timed by this meter (not read from the cache)
 
     def _load(self) -> dict[str, float]:
-        if not self.path.exists():
+        if self.path is None or not self.path.exists():
             return {}
         data = json.loads(self.path.read_text())
         if data.get("setting") != self.setting:
@@ -54,7 +55,7 @@ class LatencyMeter:
         return data["seconds"]
 
     def _save(self) -> None:
-        if is_rank_zero():
+        if self.path is not None and is_rank_zero():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f".{self.path.name}.tmp")
             tmp.write_text(json.dumps({"setting": self.setting, "seconds": self.seconds}, indent=1))
@@ -72,7 +73,7 @@ class LatencyMeter:
     def time(self, model: torch.nn.Module) -> float:
         """Median seconds of one prefill."""
         vocab = model.config.vocab_size
-        ids = torch.randint(0, vocab, self.shape, device=self.param.device, )
+        ids = torch.randint(0, vocab, self.shape, device=self.param.device)
         runs = []
         for i in range(self.repeats + 1):
             if self.param.device.type == "cuda":
