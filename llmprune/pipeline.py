@@ -427,7 +427,8 @@ def run_gradnas(cfg: DictConfig, run_dir: Path, t: Timings) -> dict:
             if encoder:
                 module, compute = student, encoder_distill_loss(teacher, tokenizer, d.hidden_loss, d.hidden_weight)
             else:
-                module, compute = Student(student), distill_loss(teacher, d, ())
+                pairs = tuple(range(len(adapter.layers))) if d.hidden_weight else ()  # every layer is kept
+                module, compute = Student(student, None, pairs), distill_loss(teacher, d, pairs)
             distill_fingerprint = hashlib.sha256(json.dumps(
                 [fingerprint, plan.fingerprint(), OmegaConf.to_container(d)]).encode()).hexdigest()[:16]
 

@@ -187,10 +187,14 @@ def test_gptj_gradnas_on_tiny_model(tmp_path):
                                            "model.dtype=float32", "data.num_samples=4", "data.eval_samples=2",
                                            "data.seq_len=32", "data.batch_size=2", "distill.max_steps=2",
                                            "distill.micro_batch_size=2", "distill.global_batch_size=2",
-                                           "distill.eval_every=1", "distill.save_every=2"])
+                                           "distill.eval_every=1", "distill.save_every=2",
+                                           "distill.hidden_weight=0.1"])
     assert report["params"]["after"] <= 0.7 * report["params"]["before"]
     assert report["export_check"]["final"]["max_abs_diff_stock_reload"] < 1e-4
     assert report["eval"]["final"]["perplexity"] > 0
+    # every layer is kept, so layer i of the student pairs with layer i of the teacher in the hidden-state loss
+    rows = [json.loads(line) for line in (tmp_path / "run" / "distill_metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["hidden"] < 1 for r in rows), rows
 
 
 # -- llama-like decoders: the unit is a query group (tiny models: 6 query heads in 2 KV groups, FFN 80, 4 layers) --
