@@ -32,8 +32,11 @@ dry="${GPU_CHECK_DRY:-0}"
 allow_cpu="${GPU_CHECK_ALLOW_CPU:-0}"
 python="${PYTHON:-python}"
 torchrun=("$python" -m torch.distributed.run --standalone --nproc_per_node=1)
-export GPU_CHECK_COMMAND="${GPU_CHECK_COMMAND:-$(env | grep -E '^GPU_CHECK_(SECTIONS|BUDGET_S|MODEL|OVERRIDES)=' \
-  | sort | tr '\n' ' ')bash bench/gpu_check.sh}"
+settings=""
+for v in GPU_CHECK_SECTIONS GPU_CHECK_BUDGET_S GPU_CHECK_MODEL GPU_CHECK_OVERRIDES GPU_CHECK_ALLOW_CPU; do
+  [[ -n "${!v:-}" ]] && settings+="$v=$(printf '%q' "${!v}") "
+done
+export GPU_CHECK_COMMAND="${settings}bash bench/gpu_check.sh"
 
 # the recipe sections' overrides: the model, a short FSDP / megatron distillation, and anything the caller adds
 read -r -a extra <<< "${GPU_CHECK_OVERRIDES:-}"
@@ -83,7 +86,7 @@ else
 fi
 
 logs="$work/logs"
-rm -rf "$work" && mkdir -p "$logs" || exit 1
+rm -rf "$logs" "$work/recipe" "$work/fsdp" "$work/megatron" && mkdir -p "$logs" || exit 1  # this script's own
 started=$SECONDS
 reserve=20  # for the summary
 for s in $sections; do
