@@ -9,12 +9,13 @@ both sides of the held-out cut), tokenized, joined with EOS into one stream and 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from llmprune.errors import ConfigError, InputFileError
+from llmprune.errors import ConfigError, CorpusUnreachable, InputFileError
 from llmprune.files import read_utf8
 from llmprune.progress import log
 
@@ -101,9 +102,16 @@ def _read_file(path: Path, text_field: str) -> list[str]:
 
 
 def load_documents(source: str, paths=(), dataset: str | None = None, dataset_config: str | None = None,
-                   split: str = "train", text_field: str = "text", max_documents: int = 20000) -> list[str]:
+                   split: str = "train", text_field: str = "text", max_documents: int = 20000, mix=(),
+                   render_chat: Callable[[list[dict]], str] | None = None) -> list[str]:
     """Documents from `source`: embedded | files | hf (see DataConfig). Exact repeats of a document are dropped
-    (the embedded text also loses its repeated passages)."""
+    (the embedded text also loses its repeated passages).
+
+    source=hf reads `dataset`, or with `mix` several datasets ({dataset, config, split, text_field, weight} each),
+    `max_documents` shared by weight and interleaved so that every part of the stream (calibration head, held-out
+    tail) holds each in proportion. A conversation (a list of {role, content} messages in the text field) becomes
+    `render_chat(messages)` (the tokenizer's chat template) or, without it, its contents joined by blank lines.
+    Raises CorpusUnreachable when a dataset cannot be read."""
     if source == "embedded":
         return embedded_documents()
     if source == "files":
@@ -117,8 +125,32 @@ def load_documents(source: str, paths=(), dataset: str | None = None, dataset_co
                 docs += _read_file(f, text_field)
         return unique(docs)
     if source == "hf":
-        return unique(_hf_documents(dataset, dataset_config, split, text_field, max_documents))
+        parts = list(mix) or [{"dataset": dataset, "config": dataset_config, "split": split, "text_field": text_field,
+                               "weight": 1.0}]
+        total = sum(part["weight"] for part in parts)
+        loaded = []
+        for part in parts:
+            quota = max(1, round(max_documents * part["weight"] / total))
+            rows = _hf_documents(part["dataset"], part.get("config"), part.get("split", "train"),
+                                 part.get("text_field", "text"), quota)
+            loaded.append([as_text(row, render_chat) for row in rows])
+        return unique(interleave(loaded))
     raise ConfigError(f"Unknown data.source '{source}'. Known: embedded, files, hf.")
+
+
+def as_text(value, render_chat: Callable[[list[dict]], str] | None = None) -> str:
+    """A row's text: a string as it is; a conversation (list of {role, content}) through the chat template when
+    one is given, else its contents joined by blank lines."""
+    if isinstance(value, list) and all(isinstance(m, dict) and "content" in m for m in value):
+        return render_chat(value) if render_chat else "\n\n".join(str(m["content"]) for m in value)
+    return str(value)
+
+
+def interleave(parts: list[list[str]]) -> list[str]:
+    """The documents of every part merged so each part is spread evenly over the result (document i of a part of
+    n sits at fraction (i + 0.5) / n), in a fixed order."""
+    keyed = [((i + 0.5) / len(docs), k, doc) for k, docs in enumerate(parts) for i, doc in enumerate(docs)]
+    return [doc for *_, doc in sorted(keyed, key=lambda t: (t[0], t[1]))]
 
 
 def unique(docs: list[str]) -> list[str]:
@@ -146,8 +178,8 @@ def _hf_documents(dataset: str | None, dataset_config: str | None, split: str, t
     except ConfigError:
         raise
     except Exception as err:  # network, missing name, missing cache, offline mode: say which key to change
-        raise ConfigError(f"data.dataset='{dataset}' (data.source=hf) could not be loaded ({type(err).__name__}: "
-                          f"{err}). {fix}") from err
+        raise CorpusUnreachable(f"data.dataset='{dataset}' (data.source=hf) could not be loaded "
+                                f"({type(err).__name__}: {err}). {fix}") from err
     return docs
 
 

@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from llmprune.adapters import get_adapter
 from llmprune.backends.megatron.convert import check_convertible
 from llmprune.distill_cache import build_teacher_cache, visited_windows
 from llmprune.distributed import barrier, is_rank_zero, rank, world_size
-from llmprune.errors import ConfigError
+from llmprune.errors import ConfigError, CorpusUnreachable
 from llmprune.evaluate import evaluate
 from llmprune.export.hf import check_exportable, push_to_hub
 from llmprune.files import make_output_dir
@@ -117,9 +118,31 @@ def check_targets(cfg: DictConfig, adapter) -> dict[str, int]:
 
 
 def load_data(data: DictConfig, tokenizer, seed: int) -> text.TextSplits:
-    """Calibration, training and held-out token windows from the configured text."""
-    docs = text.load_documents(data.source, data.paths, data.dataset, data.dataset_config, data.split,
-                               data.text_field, data.max_documents)
+    """Calibration, training and held-out token windows from the configured text. With data.fallback=embedded an
+    unreachable corpus gives way to the embedded text, and data.source says so from then on (the calibration
+    fingerprint, config-derived, then names the text really used)."""
+    render = None
+    if data.chat_template:
+        render = partial(tokenizer.apply_chat_template, tokenize=False)
+    try:
+        docs = text.load_documents(data.source, data.paths, data.dataset, data.dataset_config, data.split,
+                                   data.text_field, data.max_documents, OmegaConf.to_container(data.mix), render)
+    except CorpusUnreachable as err:
+        if data.fallback != "embedded":
+            raise
+        log.warning(f"data: the corpus could not be read, so calibration, distillation and evaluation use the "
+                    f"embedded text instead (data.fallback=embedded). {err} Scores from the embedded text suit a "
+                    "demonstration, not an 8B model: reach the corpus (network, or a local copy via data.mix "
+                    "dataset=/path) and run again.")
+        data.source = "embedded"
+        docs = text.embedded_documents()
+        stream = text.token_stream(docs, tokenizer)
+        fits = int(len(stream) * (1 - data.eval_fraction)) // data.seq_len
+        if fits < data.num_samples:  # sized for the corpus: take what the embedded text holds
+            log.warning(f"data: the embedded text holds {fits} calibration samples of {data.seq_len} tokens; "
+                        f"calibrating on {fits} instead of data.num_samples={data.num_samples}.")
+            data.num_samples = fits
+        return text.split_stream(stream, data.seq_len, data.num_samples, data.eval_samples, data.eval_fraction, seed)
     return text.split_stream(text.token_stream(docs, tokenizer), data.seq_len, data.num_samples, data.eval_samples,
                              data.eval_fraction, seed)
 

@@ -146,3 +146,43 @@ def test_run_with_files_source(tiny_model_dirs, tmp_path):
     overrides[overrides.index(f"data.paths=[{tmp_path / 'corpus.jsonl'}]")] = f"data.paths=[{tmp_path / 'short.txt'}]"
     with pytest.raises(ConfigError, match="data.num_samples=4 needs 128 calibration tokens"):
         llmprune.run("smollm2_minitron", overrides)
+
+
+def _dataset_dir(path, rows: list[dict]):
+    path.mkdir()
+    (path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_hf_mix_shares_documents_by_weight_interleaves_them_and_renders_conversations(tmp_path):
+    """data.mix over two local `datasets` folders: 2:1 weights of 9 documents give 6 + 3, spread evenly over the
+    stream (so the held-out tail holds both), conversations through the chat template."""
+    web = _dataset_dir(tmp_path / "web", [{"text": f"web page {i}"} for i in range(20)])
+    chat = _dataset_dir(tmp_path / "chat", [{"messages": [{"role": "user", "content": f"q{i}"},
+                                                          {"role": "assistant", "content": f"a{i}"}]}
+                                            for i in range(20)])
+    mix = [{"dataset": web, "weight": 2.0}, {"dataset": chat, "text_field": "messages", "weight": 1.0}]
+
+    def render(messages):
+        return "".join(f"<|{m['role']}|>{m['content']}" for m in messages)
+
+    docs = load_documents("hf", max_documents=9, mix=mix, render_chat=render)
+    assert docs == ["web page 0", "<|user|>q0<|assistant|>a0", "web page 1", "web page 2",
+                    "<|user|>q1<|assistant|>a1", "web page 3", "web page 4", "<|user|>q2<|assistant|>a2",
+                    "web page 5"], docs
+    plain = load_documents("hf", max_documents=3, mix=mix[1:])  # no template: the contents, blank-line joined
+    assert plain == ["q0\n\na0", "q1\n\na1", "q2\n\na2"]
+
+
+def test_unreachable_corpus_falls_back_to_embedded_text_only_when_asked(tiny_model_dirs, tmp_path, llmprune_log):
+    from llmprune.errors import CorpusUnreachable
+
+    settings = ["data.source=hf", "data.mix=[{dataset: nobody/no-such-corpus, weight: 1.0}]", "distill.max_steps=0",
+                "prune.export_config.hidden_size=40", "prune.export_config.ffn_hidden_size=48"]
+    with pytest.raises(CorpusUnreachable, match="nobody/no-such-corpus"):
+        llmprune.run("smollm2_minitron", tiny_run_overrides(tiny_model_dirs["llama"], tmp_path / "a", *settings))
+    assert not (tmp_path / "a" / "importance.safetensors").exists()
+    report = llmprune.run("smollm2_minitron", tiny_run_overrides(tiny_model_dirs["llama"], tmp_path / "b", *settings,
+                                                                 "data.fallback=embedded"))
+    assert report["data"]["source"] == "embedded"
+    assert any("nobody/no-such-corpus" in line and "data.fallback=embedded" in line for line in llmprune_log)

@@ -37,12 +37,30 @@ class ModelConfig:
 
 
 @dataclass
+class DatasetPart:
+    """One dataset of data.mix: a `datasets` name (or local folder), its config and split, the column holding text
+    (or a conversation: a list of {role, content}), and its share of data.max_documents."""
+
+    dataset: str = ""
+    config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     """Calibration and held-out text.
 
-    source: embedded (Python's pydoc topics, always present) | files (local .txt / .jsonl) | hf (a `datasets` name).
+    source: embedded (Python's pydoc topics, always present) | files (local .txt / .jsonl) | hf (`datasets`).
     paths: files for source=files; .jsonl rows take `text_field`.
     dataset / dataset_config / split: for source=hf (needs network or a local datasets cache).
+    mix: for source=hf, several datasets instead of `dataset` ({dataset, config, split, text_field, weight} each),
+        sharing max_documents by weight and interleaved over the stream (the 8B recipes: web text + conversations).
+    chat_template: render conversation rows with the tokenizer's chat template (instruct models); else their
+        contents are joined by blank lines.
+    fallback: none | embedded. embedded calibrates on the embedded text, with a warning, when the source=hf corpus
+        cannot be reached (offline machines); none stops with the error.
     text_field: the column or jsonl key holding text.
     seq_len: tokens per packed sample.
     num_samples: calibration samples (packed, no padding).
@@ -56,6 +74,9 @@ class DataConfig:
     dataset: str | None = None
     dataset_config: str | None = None
     split: str = "train"
+    mix: list[DatasetPart] = field(default_factory=list)
+    chat_template: bool = False
+    fallback: str = "none"
     text_field: str = "text"
     seq_len: int = 256
     num_samples: int = 32
@@ -401,6 +422,7 @@ CHOICES = {
     "megatron.transformer_impl": ("local", "transformer_engine", "auto"),
     "model.dtype": ("float32", "bfloat16", "float16", "auto"),
     "data.source": ("embedded", "files", "hf"),
+    "data.fallback": ("none", "embedded"),
     "prune.mode": ("minitron", "gradnas"),
     "prune.gradnas.loss": ("auto", "mlm", "causal_lm", "contrastive", "task"),
     "prune.gradnas.rule": ("knapsack", "threshold"),

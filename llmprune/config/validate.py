@@ -33,8 +33,12 @@ def validate(cfg: DictConfig) -> None:
     for path in cfg.data.paths if cfg.data.source == "files" else ():
         if not os.path.exists(path):
             problems.append(f"data.paths: '{path}' does not exist.")
-    if cfg.data.source == "hf" and not cfg.data.dataset:
-        problems.append("data.source=hf needs data.dataset=<datasets name>.")
+    if cfg.data.source == "hf" and not cfg.data.dataset and not cfg.data.mix:
+        problems.append("data.source=hf needs data.dataset=<datasets name> (or a data.mix of datasets).")
+    for i, part in enumerate(cfg.data.mix):
+        if not part.dataset or part.weight <= 0:
+            problems.append(f"data.mix[{i}] needs a dataset name and a positive weight (got dataset="
+                            f"'{part.dataset}', weight={part.weight}).")
     if cfg.distill.max_steps < 0:
         problems.append(f"distill.max_steps={cfg.distill.max_steps} must be 0 or more.")
     d = cfg.distill
