@@ -30,7 +30,7 @@ from _common import RESULTS, WIDTH_TARGET, CachedTeacher, md_table, setup, write
 from llmprune.adapters import get_adapter  # noqa: E402
 from llmprune.api import prune  # noqa: E402
 from llmprune.config import DistillConfig  # noqa: E402
-from llmprune.distill import Student, distill_loss, train  # noqa: E402
+from llmprune.distill.train import Student, distill_loss, train  # noqa: E402
 from llmprune.evaluate import evaluate  # noqa: E402
 
 SEQ, BATCH = 256, 4

@@ -2,7 +2,7 @@
 
 Distillation speed on SmolLM2-135M pruned to the default width target (hidden 448, FFN 1024), one step of
 4 x 256 tokens with the default recipe's loss (forward KL), on the CPU:
-  step      a training step of `llmprune.distill.train` against its parts measured alone on the same batch:
+  step      a training step of `llmprune.distill.train.train` against its parts measured alone on the same batch:
             student forward + backward (LM loss) and teacher forward, each computing the logits the step computes
             (the positions that predict a token). Efficiency = (parts) / step; target >= 0.9.
             Rounds interleave the three measurements so a change of load hits all of them.
@@ -31,10 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, WIDTH_TARGET, machine_info, md_table, setup, write_results  # noqa: E402
 
-from llmprune import losses  # noqa: E402
 from llmprune.api import prune  # noqa: E402
 from llmprune.config import DistillConfig  # noqa: E402
-from llmprune.distill import Student, autocast_dtype, distill_loss, reuse_freed_cpu_memory, train  # noqa: E402
+from llmprune.distill import losses  # noqa: E402
+from llmprune.distill.train import Student, autocast_dtype, distill_loss, reuse_freed_cpu_memory, train  # noqa: E402
 from llmprune.evaluate import predicting_positions  # noqa: E402
 
 SEQ = 256

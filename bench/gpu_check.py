@@ -106,8 +106,9 @@ def section_recipe(out: Path, overrides: list[str]) -> None:
     the same on the CPU)."""
     from transformers import AutoModelForCausalLM
 
-    from llmprune import load_config, losses
-    from llmprune.distill import autocast_dtype
+    from llmprune import load_config
+    from llmprune.distill import losses
+    from llmprune.distill.train import autocast_dtype
     from llmprune.evaluate import predicting_positions
     from llmprune.models import load_model
     from llmprune.pipeline import load_data

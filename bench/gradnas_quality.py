@@ -27,7 +27,7 @@ from _common import md_table, write_results
 from llmprune import data as text
 from llmprune.adapters import get_adapter
 from llmprune.config.schema import DistillConfig
-from llmprune.distill import train
+from llmprune.distill.train import train
 from llmprune.export.encoder import export_onnx, physically_pruned
 from llmprune.importance.gradnas import gradnas_scores
 from llmprune.models import load_model

@@ -1,4 +1,4 @@
-"""Usage: python bench/memory_default.py [--short] [override ...]
+"""Usage: python bench/memory_default.py [--short] [--name NAME] [override ...]
 
 Peak resident memory (RSS) of the default recipe, `python -m llmprune recipe=smollm2_minitron`, end to end on the
 CPU, and where it goes. The recipe runs in a child process, so the peak is the recipe's own. The child reads the
@@ -13,7 +13,8 @@ Breakdown: teacher and student weights, gradients and AdamW state are their tens
 for backward are measured on the first micro-batch (`torch.autograd.graph.saved_tensors_hooks`, distinct storages,
 parameters excluded), split into those with the vocabulary as last dimension (logits, log-probabilities) and the
 rest (the student's activations); "runtime" is the RSS after the imports. What the step's peak holds beyond those
-is temporaries alive at the peak plus freed memory the allocator keeps (`llmprune.distill.reuse_freed_cpu_memory`).
+is temporaries alive at the peak plus freed memory the allocator keeps
+(`llmprune.distill.train.reuse_freed_cpu_memory`).
 
 --short  distill.max_steps=10 distill.eval_every=5 distill.save_every=5 (every stage and phase at least twice;
          ~15 min on 2 loaded cores instead of ~1 h), written to bench/results/memory_default_short.{md,json}.
@@ -171,7 +172,7 @@ def child(out_path: Path, overrides: list[str]) -> None:
 
     import torch
 
-    import llmprune.distill as distill_mod
+    import llmprune.distill.train as distill_mod
     import llmprune.stages.distillation as stage
     from llmprune.__main__ import main as llmprune_main
     from llmprune.progress import setup_logging
@@ -284,6 +285,7 @@ def breakdown_rows(b: dict, step_peak: float) -> list[list]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--short", action="store_true", help="10 distillation steps, eval and save every 5")
+    parser.add_argument("--name", help="results file name (default memory_default[_short])")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
     if args.child:
@@ -301,7 +303,7 @@ def main() -> None:
     b = r["breakdown"]
     phases = {p["phase"]: p for p in r["phases"]}
     step_peak = phases.get("distill: steps", {}).get("peak_gb", float("nan"))
-    name = "memory_default_short" if args.short else "memory_default"
+    name = args.name or ("memory_default_short" if args.short else "memory_default")
     steps = b.get("step_s", [])
     lines = [f"## Peak RSS of `python -m llmprune recipe={RECIPE} {' '.join(settings)}`".rstrip(), "",
              f"Peak RSS **{r['peak_gb']:.2f} GiB** ({r['peak_gb'] * GB / 1e9:.2f} GB; sampled every 0.5 s: "

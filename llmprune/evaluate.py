@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from llmprune.data import Batch
+from llmprune.distill.losses import LOSS_CHUNK_BYTES, head_chunks
 from llmprune.distributed import all_reduce_sum
-from llmprune.losses import LOSS_CHUNK_BYTES, head_chunks
 from llmprune.progress import progress
 
 

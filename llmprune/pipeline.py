@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from llmprune import data as text
 from llmprune.adapters import get_adapter
 from llmprune.backends.megatron.convert import check_convertible
-from llmprune.distill_cache import build_teacher_cache, visited_windows
+from llmprune.distill.cache import build_teacher_cache, visited_windows
 from llmprune.distributed import barrier, is_rank_zero, rank, world_size
 from llmprune.errors import ConfigError, CorpusUnreachable
 from llmprune.evaluate import evaluate
@@ -375,7 +375,7 @@ def run_gradnas(cfg: DictConfig, run_dir: Path, t: Timings) -> dict:
     """prune.mode=gradnas: profile the per-layer search space against prune.constraints (stops before any gradient
     when a bound cannot be met), score heads and neurons by gradients, choose per-layer widths, build the model with
     its real per-layer shapes, evaluate, distill, and export a stock-loadable directory (+ ONNX for encoders)."""
-    from llmprune.distill import Student, distill_loss, train
+    from llmprune.distill.train import Student, distill_loss, train
     from llmprune.export.encoder import physically_pruned
     from llmprune.plan.gradnas import GradNASSpace, gradnas_plan
     from llmprune.stages.gradnas import (

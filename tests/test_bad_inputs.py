@@ -17,7 +17,7 @@ from conftest import tiny_run_overrides
 from safetensors.torch import load_file
 
 from llmprune.__main__ import main
-from llmprune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from llmprune.distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from llmprune.errors import InputFileError
 from llmprune.files import check_gguf
 

@@ -32,11 +32,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import llmprune
-from llmprune import ConfigError, PruningPlan, losses
+from llmprune import ConfigError, PruningPlan
 from llmprune.adapters import get_adapter
 from llmprune.config import DistillConfig
 from llmprune.data import to_batches
-from llmprune.distill import SampleOrder, Student, batch_split, distill_loss, lr_factor
+from llmprune.distill import losses
+from llmprune.distill.train import SampleOrder, Student, batch_split, distill_loss, lr_factor
 from llmprune.evaluate import evaluate
 from llmprune.pruning.map import residual_scale
 from llmprune.stages.distillation import hidden_student
@@ -700,7 +701,7 @@ def correction_text_losses(model_dir, run_dir, settings: dict) -> tuple[float, f
     teacher correction trains on (the distillation windows of the run's data settings)."""
     from transformers import AutoTokenizer
 
-    from llmprune.checkpoint import latest_checkpoint
+    from llmprune.distill.checkpoint import latest_checkpoint
     from llmprune.pipeline import load_data
 
     cfg = llmprune.load_config(RECIPE, overrides(model_dir, run_dir, **settings))
@@ -740,7 +741,7 @@ def test_teacher_correction_fine_tunes_the_teacher_first(reference, tmp_path):
 
 
 def test_metrics_with_a_bad_line_before_the_last_name_the_file(tmp_path):
-    from llmprune.distill import _read_metrics
+    from llmprune.distill.train import _read_metrics
 
     path = tmp_path / "distill_metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')

@@ -115,7 +115,7 @@ def test_kill_inside_a_checkpoint_write_resumes_from_the_previous_one(
 ):
     out = tmp_path / "run"
     args = tiny_run_overrides(tiny_model_dirs["llama"], out, *EXTRA)
-    run_killed(tmp_path, "llmprune.checkpoint", "step_000003", args)
+    run_killed(tmp_path, "llmprune.distill.checkpoint", "step_000003", args)
     ckpt = out / "distill_ckpt"
     partial = ckpt / ".step_000003.tmp" / "model.safetensors"
     assert partial.is_file(), sorted(p.name for p in ckpt.iterdir())  # killed inside step 3's write

@@ -14,12 +14,13 @@ from omegaconf import OmegaConf
 import llmprune
 import llmprune.pipeline
 import llmprune.stages.distillation
-from llmprune import ConfigError, distill_cache, load_config
+from llmprune import ConfigError, load_config
 from llmprune.config.schema import DistillConfig
-from llmprune.distill import Student, distill_loss
-from llmprune.distill_cache import build_teacher_cache, cached_distill_loss, cached_topk_kl, shard_path
+from llmprune.distill import cache as distill_cache
+from llmprune.distill.cache import build_teacher_cache, cached_distill_loss, cached_topk_kl, shard_path
+from llmprune.distill.losses import topk_kl
+from llmprune.distill.train import Student, distill_loss
 from llmprune.evaluate import predicting_positions
-from llmprune.losses import topk_kl
 
 K = 8
 

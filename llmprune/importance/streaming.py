@@ -26,7 +26,7 @@ from torch import nn
 
 from llmprune.adapters.heads import CausalLMHead
 from llmprune.data import Batch
-from llmprune.distill import release_freed_cpu_memory
+from llmprune.distill.train import release_freed_cpu_memory
 from llmprune.importance.activation import ActivationScores, _hook_block_importance, _hook_sites
 from llmprune.importance.depth import named_removal_scores
 from llmprune.progress import progress

@@ -1,4 +1,4 @@
-"""The distill stage: the pruned student learns from the teacher (losses and loop in distill.py)."""
+"""The distill stage: the pruned student learns from the teacher (losses and loop in llmprune/distill/)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from llmprune.distill import Student, distill_loss, train
-from llmprune.distill_cache import TeacherCache, cached_distill_loss
+from llmprune.distill.cache import TeacherCache, cached_distill_loss
+from llmprune.distill.losses import channel_projection
+from llmprune.distill.train import Student, distill_loss, train
 from llmprune.evaluate import evaluate
-from llmprune.losses import channel_projection
 from llmprune.plan import PruningPlan
 from llmprune.pruning.map import residual_scale
 

@@ -1,7 +1,7 @@
 """The GradNAS stages (prune.mode=gradnas): scores, the pruned model with real per-layer shapes, the encoder's
 held-out evaluation and distillation loss, and the exported directory.
 
-Decoders (GPT-J) are judged and distilled as every causal LM is (evaluate.py, distill.py); an encoder is judged by
+Decoders (GPT-J) are judged and distilled as every causal LM is (evaluate.py, distill/train.py); an encoder is judged by
 its sentence embeddings on held-out windows: the cosine to the original's embedding of the same text, and top-1
 retrieval of each window's second half from its first half among all held-out windows.
 """

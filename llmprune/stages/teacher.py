@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from llmprune.distill import lm_only_loss, train
+from llmprune.distill.train import lm_only_loss, train
 from llmprune.stages.distillation import unit_names
 
 

@@ -27,8 +27,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers.utils import ModelOutput
 
-from llmprune import losses
-from llmprune.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from llmprune.distill import losses
+from llmprune.distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from llmprune.distributed import (
     all_reduce_sum,
     barrier,
