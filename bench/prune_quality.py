@@ -1,5 +1,6 @@
-"""Usage: python bench/prune_quality.py [--part width|depth|all] [--random-seeds 3] [--eval-samples 32]
-                                      [--depth-samples 8 32] [--kl-samples 8] [--contiguous-samples 8]
+"""Usage: python bench/prune_quality.py [--part width|depth|depth-default|all] [--random-seeds 3] [--eval-samples 32]
+                                      [--depth-samples N 32] [--kl-samples N] [--contiguous-samples N]
+                                      [--before-samples 6] [--reference-samples 32]
 
 Pruning quality on SmolLM2-135M-Instruct (no distillation): held-out perplexity and KL(teacher || student) for
 Minitron against simple baselines at the same shapes.
@@ -7,13 +8,19 @@ Minitron against simple baselines at the same shapes.
   width: hidden 576 -> 448, FFN 1536 -> 1024 (heads kept). Minitron (activation importance, with and without
          rescale_norms), gradient Taylor, weight magnitude, random channels (one row per seed).
   depth: 30 -> 20 layers. drop_one (lm_loss, kl), block_importance, contiguous (lm_loss, kl) and "drop the last 10".
-         drop_one / contiguous scores use the first n calibration samples (prune.depth.num_samples; the recipe
-         default is 8): drop_one lm_loss for each n in --depth-samples, drop_one kl for --kl-samples, contiguous
-         for --contiguous-samples. Block importance always uses all 32 (it comes from the calibration pass).
+         drop_one / contiguous scores use the first n calibration samples (prune.depth.num_samples): drop_one
+         lm_loss for each n in --depth-samples, drop_one kl for --kl-samples, contiguous for --contiguous-samples
+         (N: the shipped default). Block importance always uses all 32 (it comes from the calibration pass).
+  depth-default: drop_one lm_loss at the shipped prune.depth.num_samples, before vs after #15 item 10: its cost as
+         a multiple of one calibration pass (activation scores over the 32 calibration samples, what the calibrate
+         stage runs) and its held-out quality. Before: --before-samples with the candidates run one at a time (the
+         code before); after: the shipped default with the candidates stacked (the same scores, checked here at
+         --before-samples). All timings in one process, back to back, calibration timed before and after the arms
+         (the CPU is shared). Then drop_one with --reference-samples for the quality reference (not timed).
 
 Data are the default recipe's: packed 256-token samples of the embedded pydoc text; calibration = 32 samples from
 the head (batch 4), evaluation = the first --eval-samples windows of the held-out tail (eval_fraction 0.1), which
-calibration never sees. Writes bench/results/prune_quality_{width,depth}.{md,json}.
+calibration never sees. Writes bench/results/prune_quality_{width,depth,depth_default}.{md,json}.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from _common import WIDTH_TARGET, CachedTeacher, Setup, data_info, md_table, set
 from llmprune import data as text
 from llmprune.adapters import get_adapter
 from llmprune.api import prune
+from llmprune.config.schema import DepthConfig
 from llmprune.evaluate import evaluate
 from llmprune.importance.activation import activation_scores
 from llmprune.importance.baselines import baseline_scores
@@ -36,6 +44,7 @@ from llmprune.importance.depth import removal_scores
 from llmprune.plan import make_plan
 
 NUM_LAYERS = 20
+SHIPPED_SAMPLES = DepthConfig.num_samples  # prune.depth.num_samples as shipped
 TEACHER: list[CachedTeacher] = []  # the teacher's held-out logits, computed once (main)
 
 
@@ -175,7 +184,7 @@ def run_depth(s: Setup, teacher_eval: dict, samples: list[int], kl_samples: list
             record(f"{method} {metric} ({n} samples)", result, plan)
 
     best_drop_one = min(v["perplexity"] for k, v in payload.items() if k.startswith("drop_one lm_loss"))
-    default = payload.get("drop_one lm_loss (8 samples)", {}).get("perplexity")
+    default = payload.get(f"drop_one lm_loss ({SHIPPED_SAMPLES} samples)", {}).get("perplexity")
     bi = payload["block_importance (32 samples)"]["perplexity"]
     last_ppl = payload["drop the last 10 layers"]["perplexity"]
     targets = {"drop_one_default_at_least_as_good_as_block_importance": default is not None and default <= bi,
@@ -187,7 +196,7 @@ def run_depth(s: Setup, teacher_eval: dict, samples: list[int], kl_samples: list
     md = (f"## Depth pruning: 30 -> {NUM_LAYERS} layers (no distillation)\n\nHeld-out: {s.splits.heldout.shape[0]} x "
           f"{s.splits.heldout.shape[1]} tokens from the tail. Block importance uses all 32 calibration samples; "
           "drop_one / contiguous use the first n (prune.depth.num_samples).\n\n" + md_table(header, table)
-          + f"\n\nTargets: drop_one lm_loss (8 samples, the recipe default) <= block importance: "
+          + f"\n\nTargets: drop_one lm_loss ({SHIPPED_SAMPLES} samples, the shipped default) <= block importance: "
           f"{targets['drop_one_default_at_least_as_good_as_block_importance']}; far better (<= half) than dropping "
           f"the last 10: {targets['drop_one_far_better_than_dropping_last']}.\n\nBlock importance per layer: "
           + " ".join(f"{v:.3f}" for v in act["block_importance"].tolist())
@@ -197,16 +206,144 @@ def run_depth(s: Setup, teacher_eval: dict, samples: list[int], kl_samples: list
                                               "block_importance": act["block_importance"].tolist()})
 
 
+def run_depth_default(s: Setup, teacher_eval: dict, before_samples: int, reference_samples: int) -> None:
+    """drop_one lm_loss at the shipped default against the default before #15 item 10: cost and quality.
+
+    The CPU is shared and its load moves by 2x within minutes, so the arms are timed batch by batch, interleaved:
+    calibration pass, before's batch b, after's batch b, calibration pass, ... Each depth batch counts as its time over
+    the mean of the calibration passes on either side; an arm's cost is the sum over its batches. A drop-one score
+    over several unpadded batches is their token-weighted mean, so per-batch scoring gives the arm's scores.
+    """
+    target, after_samples = {"num_layers": NUM_LAYERS}, SHIPPED_SAMPLES
+    calib_s: list[float] = []
+    arms = {"before": (before_samples, 1), "after": (after_samples, None)}  # samples, candidates_per_pass
+    batch_s: dict[str, list[float]] = {arm: [] for arm in arms}
+    ratios: dict[str, list[float]] = {arm: [] for arm in arms}
+    parts: dict[str, list[tuple[int, dict]]] = {arm: [] for arm in arms}
+
+    def calibration() -> dict:
+        start = time.perf_counter()
+        out = activation_scores(s.model, s.adapter, s.calib, total=len(s.calib))
+        calib_s.append(time.perf_counter() - start)
+        print(f"calibration pass: {calib_s[-1]:.1f} s", flush=True)
+        return out
+
+    act = calibration()
+    pending: list[tuple[str, float]] = []  # depth batches waiting for the next calibration pass
+    for b in range(0, max(n for n, _ in arms.values()), 4):
+        for arm, (n, per_pass) in arms.items():
+            if b >= n:
+                continue
+            batch = text.to_batches(s.splits.calib[b: min(b + 4, n)], 4)  # what calibrate hands removal_scores
+            start = time.perf_counter()
+            scores = removal_scores(s.model, s.adapter, batch, "lm_loss", drop_one=True, total=1,
+                                    candidates_per_pass=per_pass)
+            batch_s[arm].append(time.perf_counter() - start)
+            parts[arm].append((min(b + 4, n) - b, scores))
+            pending.append((arm, batch_s[arm][-1]))
+            print(f"{arm} samples {b}..{min(b + 4, n) - 1}: {batch_s[arm][-1]:.1f} s", flush=True)
+        calibration()
+        around = (calib_s[-2] + calib_s[-1]) / 2
+        for arm, seconds in pending:
+            ratios[arm].append(seconds / around)
+        pending.clear()
+
+    def combined(arm: str) -> dict:
+        total = sum(rows for rows, _ in parts[arm])
+        return {k: sum(rows * p[k] for rows, p in parts[arm]) / total for k in parts[arm][0][1]}
+
+    name = "depth.drop_one.lm_loss"
+    first_before, first_after = parts["before"][0][1][name], parts["after"][0][1][name]  # samples 0..3 both
+    score_diff = float((first_before - first_after).abs().max())
+    assert torch.allclose(first_before, first_after, rtol=1e-4, atol=1e-5), (first_before, first_after)
+    speedup = batch_s["before"][0] / batch_s["after"][0]
+
+    rows, payload = [], {}
+
+    def record(arm: str, n: int, code: str, scores: dict, method: str = "drop_one"):
+        result, plan = prune_and_eval(s, scores, target, method)
+        removed = plan.depth.get("removed")
+        seconds, ratio = (sum(batch_s[arm]), sum(ratios[arm])) if arm in batch_s else (None, None)
+        payload[arm] = {**result, "num_samples": n, "code": code, "search_s": seconds, "x_calibration": ratio,
+                        "batch_s": batch_s.get(arm), "batch_x_calibration": ratios.get(arm), "removed": removed}
+        rows.append([arm, n, code, "" if seconds is None else seconds, "" if ratio is None else f"{ratio:.2f}x",
+                     result["perplexity"], result["kl_to_teacher"], " ".join(map(str, removed))])
+        print(f"{arm}: ppl {result['perplexity']:.2f}  KL {result['kl_to_teacher']:.3f}  removed {removed}", flush=True)
+
+    record("block_importance (context)", 32, "from the calibration pass", act, "block_importance")
+    record("before", before_samples, "one candidate at a time", combined("before"))
+    record("after", after_samples, "candidates stacked", combined("after"))
+
+    def write(reference: bool) -> None:
+        targets = {"after_at_most_5x_calibration": payload["after"]["x_calibration"] <= 5.0,
+                   "after_x_calibration": payload["after"]["x_calibration"],
+                   "before_x_calibration": payload["before"]["x_calibration"],
+                   "speedup_same_batch": speedup, "max_abs_score_difference_same_batch": score_diff}
+        header = ["arm", "depth.num_samples", "candidates", "depth search s", "x calibration pass", "held-out ppl",
+                  "KL to teacher", "removed layers"]
+        table = [["teacher (30 layers)", "", "", "", "", teacher_eval["perplexity"], 0.0, ""]] + rows
+        md = (f"## Depth search at the shipped default: 30 -> {NUM_LAYERS} layers by drop-one LM loss (#15 item 10)"
+              f"\n\nBefore: prune.depth.num_samples={before_samples} (the old default), candidates run one at a time "
+              f"(the code before this change: each candidate resumes from its recorded layer input and runs the "
+              f"layers after it alone). After: the shipped default num_samples={after_samples}, every candidate "
+              f"stacked along the batch through each layer (llmprune/importance/depth.py). One calibration pass = "
+              f"activation scores over the 32 calibration samples, what the calibrate stage runs "
+              f"({', '.join(f'{t:.1f}' for t in calib_s)} s over the run). Held-out: {s.splits.heldout.shape[0]} x "
+              f"{s.splits.heldout.shape[1]} tokens from the tail; no distillation.\n\n"
+              + md_table(header, table)
+              + f"\n\nSame batch (samples 0..3), both codes: {batch_s['before'][0]:.1f} s one at a time, "
+              f"{batch_s['after'][0]:.1f} s stacked ({speedup:.2f}x faster); scores equal within {score_diff:.1g} "
+              f"(float32 rounding). Target: the depth search at most 5x one calibration pass at the shipped default: "
+              f"**{'met' if targets['after_at_most_5x_calibration'] else 'missed'}** "
+              f"({payload['after']['x_calibration']:.2f}x; before: {payload['before']['x_calibration']:.2f}x)."
+              f"\n\nHow it was timed: the CPU (2 cores) was shared with other engineers' jobs (load average "
+              f"{machine_load()}), and the load moved by 2x within minutes, so absolute seconds are inflated and "
+              "vary. All arms ran in one process, batch by batch and interleaved (calibration pass, before's batch, "
+              "after's batch, calibration pass, ...); each depth batch is divided by the mean of the two calibration "
+              "passes around it and an arm's 'x calibration pass' is the sum over its batches. Per-batch values are "
+              "in the .json.")
+        if reference_samples and not reference:
+            md += f"\n\n(The {reference_samples}-sample reference row is still running.)"
+        write_results("prune_quality_depth_default", md, {"data": data_info(s), "teacher": teacher_eval,
+                                                          "results": payload, "targets": targets,
+                                                          "calibration_s": calib_s})
+
+    write(reference=False)
+    if reference_samples > after_samples:
+        acc, done = combined("after"), after_samples  # disjoint unpadded batches: token-weighted means combine
+        part = drop_one_range(s, done, reference_samples)
+        scores = {k: (acc[k] * done + part[k] * (reference_samples - done)) / reference_samples for k in acc}
+        record("reference (not timed)", reference_samples, "candidates stacked", scores)
+        write(reference=True)
+
+
+def drop_one_range(s: Setup, start: int, stop: int) -> dict:
+    """drop_one lm_loss scores on calibration samples start .. stop - 1 (batches of 4)."""
+    batches = text.to_batches(s.splits.calib[start:stop], 4)
+    return removal_scores(s.model, s.adapter, batches, "lm_loss", drop_one=True, total=len(batches))
+
+
+def machine_load() -> str:
+    import os
+
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg()) + " over 1 / 5 / 15 min at the end"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("width", "depth", "all"), default="all")
+    parser.add_argument("--part", choices=("width", "depth", "depth-default", "all"), default="all")
     parser.add_argument("--eval-samples", type=int, default=32, help="held-out 256-token windows")
     parser.add_argument("--random-seeds", type=int, default=3)
-    parser.add_argument("--depth-samples", type=int, nargs="+", default=[8, 32],
+    parser.add_argument("--depth-samples", type=int, nargs="+", default=[SHIPPED_SAMPLES, 32],
                         help="prune.depth.num_samples values for drop_one / contiguous with lm_loss")
-    parser.add_argument("--kl-samples", type=int, nargs="+", default=[8], help="the same for the kl metric")
-    parser.add_argument("--contiguous-samples", type=int, nargs="+", default=[8],
+    parser.add_argument("--kl-samples", type=int, nargs="*", default=[SHIPPED_SAMPLES],
+                        help="the same for the kl metric")
+    parser.add_argument("--contiguous-samples", type=int, nargs="*", default=[SHIPPED_SAMPLES],
                         help="prune.depth.num_samples values for contiguous (both metrics)")
+    parser.add_argument("--before-samples", type=int, default=6,
+                        help="depth-default: prune.depth.num_samples before #15 item 10")
+    parser.add_argument("--reference-samples", type=int, default=32,
+                        help="depth-default: drop_one quality reference (0: none)")
     parser.add_argument("--depth-metrics", nargs="+", default=["lm_loss", "kl"], choices=("lm_loss", "kl"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -222,6 +359,8 @@ def main() -> None:
     if args.part in ("depth", "all"):
         run_depth(s, teacher_eval, args.depth_samples, args.kl_samples, args.contiguous_samples,
                   args.depth_metrics)
+    if args.part in ("depth-default", "all"):
+        run_depth_default(s, teacher_eval, args.before_samples, args.reference_samples)
 
 
 if __name__ == "__main__":
