@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import md_table, write_results  # noqa: E402
+from _common import machine_info, md_table, write_results  # noqa: E402
 
 from llmprune import data as text  # noqa: E402
 from llmprune.evaluate import evaluate  # noqa: E402
@@ -105,7 +105,9 @@ def main() -> None:
         f"flash attention where it chooses): f16 {payload['llama_cpp_f16']['perplexity'] / base - 1:+.2%}, q8_0 "
         f"{payload['llama_cpp_q8_0']['perplexity'] / base - 1:+.2%}. "
         f"Speed: a {PROMPT}-token prompt, then {args.new_tokens} greedy tokens; median of 3 after a warm-up "
-        "(transformers: eager fp32 with its KV cache; llama.cpp: its default settings)."])
+        "(transformers: eager fp32 with its KV cache; llama.cpp: its default settings). Load average (1, 5, 15 min) "
+        f"when done: {machine_info()['loadavg_1_5_15']} on {machine_info()['cpus']} CPUs: other work on the machine "
+        "slows both runtimes."])
     write_results("gguf_runtime", markdown, payload)
 
 
