@@ -14,7 +14,7 @@ from llmprune.plan import TARGET_KEYS, PruningPlan, make_plan, resolve_targets
 
 def compute_scores(model, calib_data, tokenizer=None, *, export_config: dict | None = None, mode: str = "minitron",
                    importance: str = "activation", depth_method: str = "drop_one", depth_metric: str = "lm_loss",
-                   depth_samples: int = 6, seq_len: int = 256, batch_size: int = 4,
+                   depth_samples: int = 12, seq_len: int = 256, batch_size: int = 4,
                    seed: int = 0) -> dict[str, torch.Tensor]:
     """Importance scores for `model` (forward passes only for 'activation'); pass them to `prune(scores=...)`.
 
@@ -41,7 +41,7 @@ def compute_scores(model, calib_data, tokenizer=None, *, export_config: dict | N
 
 def prune(model, mode: str = "minitron", export_config: dict | None = None, calib_data=None, tokenizer=None, *,
           scores: dict[str, torch.Tensor] | None = None, importance: str = "activation",
-          depth_method: str = "drop_one", depth_metric: str = "lm_loss", depth_samples: int = 6,
+          depth_method: str = "drop_one", depth_metric: str = "lm_loss", depth_samples: int = 12,
           seq_len: int = 256, batch_size: int = 4, rescale_norms: bool = True,
           constraints: dict | None = None, loss_fn=None, rule: str = "knapsack", flops_seq_len: int | None = None,
           search: dict | None = None, heldout_data=None, distill_data=None, distill: dict | None = None,
