@@ -225,7 +225,7 @@ def run(cfg: DictConfig) -> dict:
         device = next(teacher.parameters()).device
         tasks = lm_eval_tasks(cfg.eval.lm_eval, splits.heldout, tokenizer, run_dir, cfg.seed)
 
-    fingerprint = calibration_fingerprint(cfg, source)
+    fingerprint = calibration_fingerprint(cfg, source, splits)
     if cfg.distill.teacher_correction_steps:
         with t.stage("correct_teacher"):
             correct_teacher(cfg.distill, cfg.seed, teacher, adapter, splits.train, run_dir, fingerprint)
@@ -337,7 +337,7 @@ def run_streaming(cfg: DictConfig, source, run_dir: Path, t: Timings) -> dict:
         splits = load_data(cfg.data, tokenizer, cfg.seed)
         heldout = text.to_batches(splits.heldout, cfg.data.batch_size)
 
-    fingerprint = calibration_fingerprint(cfg, source)
+    fingerprint = calibration_fingerprint(cfg, source, splits)
     with t.stage("calibrate"):
         scores = calibrate_streaming(cfg.prune, cfg.data.batch_size, stream, splits.calib,
                                      depth_needs(cfg.prune.depth, dims, target), run_dir / "importance.safetensors",
@@ -404,7 +404,8 @@ def run_gradnas(cfg: DictConfig, run_dir: Path, t: Timings) -> dict:
     with t.stage("data"):
         splits = load_data(cfg.data, tokenizer, cfg.seed)
 
-    fingerprint = hashlib.sha256(json.dumps([calibration_fingerprint(cfg, source), loss]).encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(json.dumps([calibration_fingerprint(cfg, source, splits), loss]).encode()
+                                 ).hexdigest()[:16]
     with t.stage("calibrate"):
         scores = score_stage(g, loss, cfg.data.batch_size, cfg.seed, teacher, tokenizer, splits.calib,
                              run_dir / "importance.safetensors", fingerprint)

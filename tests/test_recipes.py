@@ -225,6 +225,21 @@ def test_retarget_reuses_importance_and_data_change_recomputes(tiny_model_dirs, 
     assert fingerprint(out) != first
 
 
+def test_changed_text_under_the_same_config_recomputes_the_scores(tiny_model_dirs, tmp_path, calls):
+    """A data file edited in place (or any text change the config cannot show) must not reuse stale scores."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i} of a text about pruning language models.\n" for i in range(400)))
+    base = tiny_run_overrides(tiny_model_dirs["llama"], tmp_path / "run", "data.source=files",
+                              f"data.paths=[{corpus}]", "prune.export_config.hidden_size=40",
+                              "prune.export_config.ffn_hidden_size=null", "distill.max_steps=0")
+    llmprune.run("smollm2_minitron", base)
+    llmprune.run("smollm2_minitron", base)
+    assert calls["activation"] == 1, "the same text must reuse the scores"
+    corpus.write_text("".join(f"row {i}: other words entirely, a different corpus.\n" for i in range(400)))
+    llmprune.run("smollm2_minitron", base)
+    assert calls["activation"] == 2, "changed text under the same config must re-run calibration"
+
+
 def test_depth_retarget_computes_only_the_missing_block_scores(tiny_model_dirs, tmp_path, calls):
     out = tmp_path / "run"
     base = tiny_run_overrides(tiny_model_dirs["llama"], out, "prune.depth.num_samples=2")

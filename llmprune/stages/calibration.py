@@ -30,10 +30,22 @@ def depth_needs(depth: DictConfig, dims: dict, target: dict) -> dict:
     return {"drop_one": depth.method == "drop_one", "block_sizes": (drop,) if depth.method == "contiguous" else ()}
 
 
-def calibration_fingerprint(cfg: DictConfig, source) -> str:
-    """Everything the scores depend on (model, data, scoring settings, backend, teacher correction); a change
-    re-runs calibration. Streaming computes the same scores, so it is not part of it."""
+def token_digest(*windows: torch.Tensor) -> str:
+    """A hash of token windows: what the text really was, whatever the config says (a file edited in place, a
+    de-duplicated embedded text, a corpus that fell back)."""
+    digest = hashlib.sha256()
+    for ids in windows:
+        digest.update(str(tuple(ids.shape)).encode())
+        digest.update(ids.to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def calibration_fingerprint(cfg: DictConfig, source, splits) -> str:
+    """Everything the scores depend on (model, data settings and the tokens themselves, scoring settings, backend,
+    teacher correction); a change re-runs calibration. The training windows count too: the distillation and teacher
+    correction checkpoints build on this fingerprint. Streaming computes the same scores, so it is not part of it."""
     keys = {"model": [source.location, source.gguf_file, cfg.model.dtype], "data": OmegaConf.to_container(cfg.data),
+            "tokens": token_digest(splits.calib, splits.train, splits.heldout),
             "importance": cfg.prune.importance, "depth": OmegaConf.to_container(cfg.prune.depth), "seed": cfg.seed,
             "world_size": world_size()}
     if cfg.backend != "hf":  # another implementation (and its tensor-parallel split) computes the scores
