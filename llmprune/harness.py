@@ -90,9 +90,7 @@ def check_lm_eval(lm_eval_cfg) -> None:
     except ImportError as err:
         raise ConfigError("eval.lm_eval.tasks needs the lm-evaluation-harness: pip install 'llmprune[lm_eval]' "
                           f"(or set eval.lm_eval.tasks=[]). ({err})") from None
-    include = lm_eval_cfg.include_path
-    if include is not None and not Path(include).is_dir():
-        raise ConfigError(f"eval.lm_eval.include_path: '{include}' is not a folder of task YAML files.")
+    include = lm_eval_cfg.include_path  # a folder: validate() checked it
     others = [t for t in lm_eval_cfg.tasks if t != HELDOUT_TASK]
     missing = [t for t in others if t not in task_manager(others, [include] if include else []).all_tasks]
     if missing:

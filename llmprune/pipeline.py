@@ -124,6 +124,7 @@ def load_data(data: DictConfig, tokenizer, seed: int) -> text.TextSplits:
     render = None
     if data.chat_template:
         render = partial(tokenizer.apply_chat_template, tokenize=False)
+    fell_back = False
     try:
         docs = text.load_documents(data.source, data.paths, data.dataset, data.dataset_config, data.split,
                                    data.text_field, data.max_documents, OmegaConf.to_container(data.mix), render)
@@ -134,17 +135,16 @@ def load_data(data: DictConfig, tokenizer, seed: int) -> text.TextSplits:
                     f"embedded text instead (data.fallback=embedded). {err} Scores from the embedded text suit a "
                     "demonstration, not an 8B model: reach the corpus (network, or a local copy via data.mix "
                     "dataset=/path) and run again.")
-        data.source = "embedded"
+        data.source, fell_back = "embedded", True
         docs = text.embedded_documents()
-        stream = text.token_stream(docs, tokenizer)
-        fits = int(len(stream) * (1 - data.eval_fraction)) // data.seq_len
-        if fits < data.num_samples:  # sized for the corpus: take what the embedded text holds
-            log.warning(f"data: the embedded text holds {fits} calibration samples of {data.seq_len} tokens; "
-                        f"calibrating on {fits} instead of data.num_samples={data.num_samples}.")
-            data.num_samples = fits
-        return text.split_stream(stream, data.seq_len, data.num_samples, data.eval_samples, data.eval_fraction, seed)
-    return text.split_stream(text.token_stream(docs, tokenizer), data.seq_len, data.num_samples, data.eval_samples,
-                             data.eval_fraction, seed)
+    stream = text.token_stream(docs, tokenizer)
+    fits = int(len(stream) * (1 - data.eval_fraction)) // data.seq_len
+    if fell_back and fits < data.num_samples:
+        # sized for the corpus it could not reach: calibrate on what the embedded text holds
+        log.warning(f"data: the embedded text holds {fits} calibration samples of {data.seq_len} tokens; "
+                    f"calibrating on {fits} instead of data.num_samples={data.num_samples}.")
+        data.num_samples = fits
+    return text.split_stream(stream, data.seq_len, data.num_samples, data.eval_samples, data.eval_fraction, seed)
 
 
 def plan_stage(prune: DictConfig, family: str, scores: dict, dims: dict, adapter, run_dir: Path) -> PruningPlan:
