@@ -142,7 +142,7 @@ def hand_picked_latency(run_dir: Path, seq_len: int) -> float:
     meter = LatencyMeter(model, adapter, cfg.search.batch_size, seq_len, cfg.search.latency_repeats,
                          run_dir / "search" / "latency.json")
     target = {**{k: dims[k] for k in SEARCH_DIMS if k in dims}, **WIDTH_TARGET}
-    return meter(Candidate(target, list(range(dims["num_layers"]))))
+    return meter([Candidate(target, list(range(dims["num_layers"])))])[0]
 
 
 def short(key: str) -> str:
@@ -250,7 +250,8 @@ def retime(rounds: int = 3) -> None:
     started = time.perf_counter()
     for i in range(rounds):
         for key, target in shapes.items():
-            seconds[key].append(meter.time(meter.random_model(Candidate(target, list(range(target["num_layers"]))))))
+            shaped = meter.random_model(Candidate(target, list(range(target["num_layers"]))))
+            seconds[key].append(meter.time([shaped])[0])
         print(f"retime: round {i + 1}/{rounds} done", flush=True)
     best = {k: min(v) for k, v in seconds.items()}
     evaluated = [Candidate(shapes[r["key"]], [], {"kl": r["pruned_kl"], "latency": best[r["key"]]})

@@ -70,7 +70,8 @@ def test_cost_model_ranks_candidates_as_counting_pruned_models_does(llama):
 
 def test_every_kept_candidate_satisfies_every_constraint(llama):
     _, adapter = llama
-    space = make_space(adapter, latency=lambda c: c.costs["flops"] / 1e9)  # a stand-in latency, monotone in size
+    # a stand-in latency, monotone in size
+    space = make_space(adapter, latency=lambda cs: [c.costs["flops"] / 1e9 for c in cs])
     profile = space.profile({"params": "70%", "flops": "80%", "memory": "75%", "latency": "85%"})
     profile.check()
     kept = space.candidates(profile.bounds)
@@ -117,13 +118,32 @@ def test_latency_is_measured_once_per_shape_and_cached(llama, tmp_path):
     c = space.candidate({"hidden_size": 32, "num_layers": 2})
     meter = LatencyMeter(model, adapter, batch_size=1, seq_len=16, repeats=2, path=tmp_path / "latency.json")
     assert meter.random_model(c).config.hidden_size == 32
-    first = meter(c)
-    assert first > 0 and meter(c) == first and meter.measured == 1
+    [first] = meter([c])
+    assert first > 0 and meter([c, c]) == [first, first] and meter.measured == 1
     again = LatencyMeter(model, adapter, batch_size=1, seq_len=16, repeats=2, path=tmp_path / "latency.json")
-    assert again(c) == first and again.measured == 0, "a re-run reads the cache"
+    assert again([c]) == [first] and again.measured == 0, "a re-run reads the cache"
     other = LatencyMeter(model, adapter, batch_size=2, seq_len=16, repeats=2, path=tmp_path / "latency.json")
-    other(c)
+    other([c])
     assert other.measured == 1, "another input size is timed again"
+
+
+def test_latency_takes_turns_and_keeps_each_shapes_fastest_run(llama, monkeypatch):
+    """Shapes asked for together run in turn, so a burst of load slows one run of each, and the fastest run counts:
+    a shape whose runs were all back to back would carry the burst in its median."""
+    model, adapter = llama
+    space = make_space(adapter)
+    small, large = (space.candidate({"hidden_size": h, "num_layers": 2}) for h in (32, 48))
+    meter = LatencyMeter(model, adapter, batch_size=1, seq_len=16, repeats=3, path=None)
+    order, burst = [], iter([1.0, 2.0,  # warm-ups
+                             9.0, 50.0,  # a burst hits round one
+                             0.3, 0.5, 0.2, 0.6])
+    monkeypatch.setattr(meter, "_run", lambda m, ids: order.append(m.config.hidden_size) or next(burst))
+    assert meter([small, large]) == [0.2, 0.5]
+    assert order == [32, 48] * 4, "one warm-up each, then the shapes in turn"
+    teacher_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    groups = meter.groups([space.candidate({"hidden_size": 48})] * 5)
+    assert [len(g) for g in groups] == [2, 2, 1] and all(
+        sum(c.costs["params"] * 4 for c in g) <= 2 * teacher_bytes for g in groups), "twice the model's weights at most"
 
 
 def test_spearman():
@@ -179,7 +199,7 @@ def test_candidate_key_is_stable():
 
 def test_nsga2_front_is_non_dominated_and_within_budget(llama, tmp_path):
     _, adapter = llama
-    space = make_space(adapter, latency=lambda c: c.costs["flops"] / 1e9)
+    space = make_space(adapter, latency=lambda cs: [c.costs["flops"] / 1e9 for c in cs])
     bounds = space.profile({"params": "90%"}).bounds
     objectives = ("kl", "latency")
     scored: dict[str, float] = {}

@@ -203,7 +203,8 @@ class SearchConfig:
     distill_tokens: the short distillation of each finalist (distill.* settings, its own schedule).
     batch_size / seq_len: the input that memory, FLOPs and latency are counted at (seq_len null: data.seq_len).
     memory_dtype: the weights' dtype for prune.constraints.memory (float32 | bfloat16 | float16 | int8).
-    latency_repeats: timed prefills per candidate shape (the median counts).
+    latency_repeats: timed prefills per candidate shape, taken in turns with the shapes timed alongside (the fastest
+        counts).
     objectives: [kl] ranks by KL (top_k, then finalists); more, e.g. [kl, latency] (or params, flops, memory), runs
         NSGA-II for the Pareto front (search/front.csv, search/front.png).
     pick: the front point chosen: knee | best_under_budget (the lowest KL).

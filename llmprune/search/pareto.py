@@ -76,20 +76,21 @@ def nsga2(space: SearchSpace, bounds: dict[str, float], objectives: tuple[str, .
     algorithm.setup(problem, termination=("n_gen", generations), seed=seed, verbose=False)
     seen: dict[str, Candidate] = {}
 
-    def within(genome) -> tuple[Candidate, list[float]]:
-        """The genome's candidate and its constraint violations (relative excess per bound; <= 0 within)."""
+    def candidate(genome) -> Candidate:
         target = {**fixed, **{k: space.choices[k][int(i)] for k, i in zip(genes, genome)}}
-        c = seen.get(candidate_key(target)) or space.candidate(target)
-        violation = [c.costs[k] / b - 1 if k in ANALYTIC else 0.0 for k, b in bounds.items()] or [0.0]
-        if max(violation) <= 0 and ("latency" in bounds or "latency" in objectives):
-            c.costs.setdefault("latency", space.measured(c))  # timed only when every analytic bound holds
-            violation = [c.costs[k] / b - 1 for k, b in bounds.items()] or [0.0]
-        return c, violation
+        return seen.get(candidate_key(target)) or space.candidate(target)
+
+    def violation(c: Candidate, keys: tuple[str, ...]) -> list[float]:
+        """Relative excess over each bound among `keys` (<= 0: within); the other bounds count as met."""
+        return [c.costs[k] / b - 1 if k in keys else 0.0 for k, b in bounds.items()] or [0.0]
 
     while algorithm.has_next():
         pop = algorithm.ask()
-        rows = [within(x) for x in pop.get("X")]
-        feasible = list({c.key: c for c, violation in rows if max(violation) <= 0}.values())
+        rows = [(c, violation(c, ANALYTIC)) for c in map(candidate, pop.get("X"))]
+        if "latency" in bounds or "latency" in objectives:  # timed only when every analytic bound holds
+            space.measure([c for c, v in rows if max(v) <= 0])
+            rows = [(c, violation(c, ANALYTIC + ("latency",)) if max(v) <= 0 else v) for c, v in rows]
+        feasible = list({c.key: c for c, v in rows if max(v) <= 0}.values())
         if "kl" in objectives:
             for c, value in zip(feasible, kl(feasible) if feasible else [], strict=True):
                 c.costs["kl"] = value

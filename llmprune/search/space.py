@@ -112,8 +112,8 @@ class SearchSpace:
             cache of batch_size sequences of seq_len tokens.
         layers_for: depth -> the original layers a candidate of that depth keeps (from the depth scores, as the plan
             will choose them); None keeps the first layers (uniform layers cost the same wherever they are).
-        latency: candidate -> measured seconds (`latency.LatencyMeter`), only when a latency budget or objective
-            asks for it.
+        latency: candidates -> their measured seconds (`latency.LatencyMeter`, which times shapes asked for together
+            in turns), only when a latency budget or objective asks for it.
         accepts: target -> whether a stock config can hold the shape (export's rule); others are not candidates.
     """
 
@@ -124,7 +124,7 @@ class SearchSpace:
     batch_size: int = 1
     dtype: str = "bfloat16"
     layers_for: Callable[[int], list[int]] | None = None
-    latency: Callable[[Candidate], float] | None = None
+    latency: Callable[[list[Candidate]], list[float]] | None = None
     accepts: Callable[[dict[str, int]], bool] | None = None
 
     @property
@@ -146,13 +146,18 @@ class SearchSpace:
         """`keys` costs of `target` (latency measured)."""
         c = self.candidate(target)
         if "latency" in keys:
-            c.costs["latency"] = self.measured(c)
+            self.measure([c])
         return {k: c.costs[k] for k in keys}
 
-    def measured(self, c: Candidate) -> float:
+    def measure(self, candidates: list[Candidate]) -> None:
+        """Fill in costs["latency"] of the candidates that lack it, timed together."""
+        todo = [c for c in candidates if "latency" not in c.costs]
+        if not todo:
+            return
         if self.latency is None:
             raise ConfigError("a latency budget or objective needs a latency meter (search.latency_repeats).")
-        return self.latency(c)
+        for c, seconds in zip(todo, self.latency(todo), strict=True):
+            c.costs["latency"] = seconds
 
     def reference(self, keys: tuple[str, ...]) -> dict[str, float]:
         """Costs of the unpruned model: what a "60%" budget is relative to."""
@@ -178,7 +183,6 @@ class SearchSpace:
             if within and (self.accepts is None or self.accepts(c.target)):
                 kept.append(c)
         if "latency" in bounds:
-            for c in kept:
-                c.costs["latency"] = self.measured(c)
+            self.measure(kept)
             kept = [c for c in kept if c.costs["latency"] <= bounds["latency"]]
         return sorted(kept, key=lambda c: (-max((c.costs[k] / b for k, b in bounds.items()), default=0.0), c.key))
