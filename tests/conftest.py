@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 
 # No test reads the Hub (this machine and CI cannot reach it): `datasets` then fails at once instead of retrying
 # for ~30 s, which is what the 8B recipes' corpus fallback meets in their tiny end-to-end runs.
@@ -13,6 +15,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 import torch
 import transformers
+
+# Converted GGUF checkpoints (llmprune.models.converted_gguf) go to a folder of this session, shared by its tests and
+# their subprocesses: the embedded SmolLM2 is converted once per session (~44 s) and then loads in ~1 s. Set
+# LLMPRUNE_CACHE to keep conversions between sessions.
+_SESSION_CACHE = None if "LLMPRUNE_CACHE" in os.environ else tempfile.mkdtemp(prefix="llmprune-test-cache-")
+os.environ.setdefault("LLMPRUNE_CACHE", _SESSION_CACHE or "")
 
 # (config class, model class, extra config) per family; GQA everywhere: 6 query heads in 2 KV groups.
 FAMILIES = {
@@ -175,3 +183,8 @@ def llmprune_log():
     logger.addHandler(handler)
     yield handler.lines
     logger.removeHandler(handler)
+
+
+def pytest_unconfigure(config):
+    if _SESSION_CACHE:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)

@@ -253,3 +253,44 @@ def test_exported_gguf_reloads_exactly_and_prunes_again(tmp_path, bpe_tokenizer)
     assert report["original"]["ffn_hidden_size"] == 48 and report["original"]["num_attention_heads"] == 4
     assert (report["target"]["ffn_hidden_size"], report["target"]["hidden_size"]) == (32, 40)
     assert (second / "pruned" / "config.json").is_file()
+
+
+def test_gguf_is_converted_once_and_loads_from_the_kept_copy_identically(tmp_path, bpe_tokenizer, monkeypatch):
+    """Parsing a GGUF's metadata dominates its load (44 s for SmolLM2), so the converted checkpoint is kept: the second
+    load reads it and gives the same logits, token ids and chat template; a damaged copy or a changed file is
+    converted again; LLMPRUNE_CACHE=off keeps nothing."""
+    from llmprune.models import converted_gguf, load_model, resolve_source
+
+    path = tmp_path / "model.gguf"
+    write_gguf(tiny_model("llama", vocab_size=len(bpe_tokenizer), **PRUNED), bpe_tokenizer, path, "f32")
+    monkeypatch.setenv("LLMPRUNE_CACHE", "off")
+    direct, direct_tok, _ = load_model(str(path), device="cpu")
+    assert converted_gguf(resolve_source(str(path))) is None
+    monkeypatch.setenv("LLMPRUNE_CACHE", str(tmp_path / "cache"))
+    kept = converted_gguf(resolve_source(str(path)))
+    first, _, _ = load_model(str(path), device="cpu")
+    assert (kept / "config.json").is_file() and (kept / "model.safetensors").is_file()
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(kept / "model.safetensors")
+    weights["lm_head.weight"] = weights["lm_head.weight"] + 1
+    save_file(weights, kept / "model.safetensors", metadata={"format": "pt"})
+    marked, _, _ = load_model(str(path), device="cpu")
+    assert torch.equal(marked.lm_head.weight, direct.lm_head.weight + 1), "the next load reads the kept copy"
+    (kept / "model.safetensors").write_bytes(b"damaged")
+    again, _, _ = load_model(str(path), device="cpu")  # a damaged copy is converted again
+    assert torch.equal(again.lm_head.weight, direct.lm_head.weight)
+    cached, cached_tok, source = load_model(str(path), dtype="bfloat16", device="cpu")
+    assert source.gguf_file == "model.gguf", "the source is still the GGUF (reports, calibration fingerprint)"
+    assert next(cached.parameters()).dtype == torch.bfloat16 and getattr(cached.config, "quantization_config",
+                                                                         None) is None
+    ids = torch.randint(2, len(bpe_tokenizer), (2, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(first(ids).logits, direct(ids).logits)
+    for (name, a), (_, b) in zip(cached.named_parameters(), direct.named_parameters(), strict=True):
+        assert torch.equal(a, b.to(torch.bfloat16)), name
+    text = "the lazy dog packs my box"
+    assert cached_tok(text).input_ids == direct_tok(text).input_ids
+    assert cached_tok.chat_template == direct_tok.chat_template
+    path.write_bytes(path.read_bytes())  # same bytes, new modification time: another version of the file
+    assert converted_gguf(resolve_source(str(path))) != kept
