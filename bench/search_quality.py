@@ -121,8 +121,15 @@ def hand_picked(out: Path, wait: bool = False) -> dict:
     return finished(run_dir) or llmprune.run("smollm2_minitron", [f"output_dir={run_dir}", *DISTILL])
 
 
-def budget(out: Path) -> None:
-    found, picked = searched(out), hand_picked(out, wait=True)
+def budget(out: Path, hand_picked_run: Path | None = None) -> None:
+    """`hand_picked_run`: a finished run of the default recipe as it ships (bench/default_run.py's, whose
+    evaluations and checkpoints every 25 steps do not change the training) stands in for the hand-picked arm."""
+    found = searched(out)
+    if hand_picked_run is not None:
+        picked = finished(hand_picked_run)
+        assert picked and picked["distill"]["steps"] == STEPS, f"{hand_picked_run}: no finished {STEPS}-step run"
+    else:
+        picked = hand_picked(out, wait=True)
     tokens = llmprune.load_config("smollm2_minitron_search", SEARCH).search.distill_tokens
     found["config_search_distill_tokens"] = tokens
     write_results("search_quality_budget", budget_markdown(found, picked),
@@ -287,6 +294,8 @@ def main() -> None:
                         default="all")
     parser.add_argument("--out", default="outputs/bench_search")
     parser.add_argument("--render", action="store_true", help="rewrite the markdown from the JSON results only")
+    parser.add_argument("--hand-picked-run", type=Path, help="a finished default-recipe run (bench/default_run.py's "
+                        "--out) to compare against instead of running the hand-picked arm")
     args = parser.parse_args()
     if args.render:
         return render()
@@ -295,7 +304,7 @@ def main() -> None:
     if args.part == "hand_picked":
         hand_picked(Path(args.out))
     if args.part in ("budget", "all"):
-        budget(Path(args.out))
+        budget(Path(args.out), args.hand_picked_run)
     if args.part in ("latency", "all"):
         latency(Path(args.out))
     if args.part in ("retime", "all"):

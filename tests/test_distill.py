@@ -349,14 +349,28 @@ def test_chunked_head_loss_with_a_bias_and_without_gradients():
                                                        slice(12, 14)]
 
 
-def test_evaluate_in_chunks_of_positions_equals_one_chunk():
+def test_evaluate_by_output_layer_chunks_equals_whole_logits(monkeypatch):
+    """Held-out loss and KL computed from the output layer chunk by chunk (no (B, S-1, V) logits), directly or inside
+    the distillation's Student, equal the whole-logits computation (padding included), whose per-token losses run in
+    chunks of positions of any size."""
+    from llmprune import evaluate as evaluation
+    from llmprune.data import Batch
+
     teacher, student = tiny_model("llama"), tiny_model("llama", seed=1)
-    batches = to_batches(tiny_batch(4, 16), 2)
+    ids = tiny_batch(4, 16)
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0
+    batches = [Batch(ids[:2], mask[:2]), Batch(ids[2:])]
+    chunked = evaluate(student, batches, teacher=teacher)
+    inside = evaluate(Student(student), batches, teacher=teacher)
+    monkeypatch.setattr(evaluation, "output_head", lambda model: None)  # every model runs whole
     whole = evaluate(student, batches, teacher=teacher, chunk_bytes=2**30)
-    chunked = evaluate(student, batches, teacher=teacher, chunk_bytes=5 * ROW)
-    assert chunked["tokens"] == whole["tokens"] == 60
-    for key in ("loss", "kl_to_teacher"):
-        assert chunked[key] == pytest.approx(whole[key], rel=1e-6), key
+    rows = evaluate(student, batches, teacher=teacher, chunk_bytes=5 * ROW)
+    assert chunked["tokens"] == whole["tokens"] == 60 - 5
+    for result in (chunked, inside, rows):
+        for key in ("loss", "kl_to_teacher"):
+            assert result[key] == pytest.approx(whole[key], rel=1e-6), key
+    assert whole["kl_to_teacher"] > 0.01
 
 
 # -- schedule, accumulation, sample order ---------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llmprune.distill import losses
-from llmprune.distill.train import SampleOrder, autocast_dtype, logit_loss_parts, output_head
+from llmprune.distill.losses import output_head
+from llmprune.distill.train import SampleOrder, autocast_dtype, logit_loss_parts
 from llmprune.distributed import barrier, is_rank_zero, rank, world_size
 from llmprune.evaluate import predicting_positions
 from llmprune.progress import log, progress

@@ -84,6 +84,18 @@ HEAD_CHUNK_BYTES = 32 * 2**20
 LOSS_CHUNK_BYTES = 8 * 2**20
 
 
+def output_head(model: nn.Module) -> nn.Linear | None:
+    """The model's output layer where its logits are exactly `head(base_model(...).last_hidden_state)`, else None.
+
+    Models that scale or soft-cap their logits (Gemma, Cohere, Granite) are left to their own forward.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    post_processed = any(getattr(config, key, None) for key in ("final_logit_softcapping", "logit_scale",
+                                                                 "logits_scaling"))
+    return head if isinstance(head, nn.Linear) and hasattr(model, "base_model") and not post_processed else None
+
+
 def head_chunks(rows: int, vocab: int, budget_bytes: int = HEAD_CHUNK_BYTES) -> list[slice]:
     """Row slices of at most `budget_bytes` of float32 logits each (>= 1 row)."""
     size = max(1, budget_bytes // (4 * vocab))

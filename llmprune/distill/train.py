@@ -140,18 +140,6 @@ class StudentOutput(ModelOutput):
     parts: dict[str, torch.Tensor] | None = None
 
 
-def output_head(model: nn.Module) -> nn.Linear | None:
-    """The model's output layer where its logits are exactly `head(base_model(...).last_hidden_state)`, else None.
-
-    Models that scale or soft-cap their logits (Gemma, Cohere, Granite) are left to their own forward.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    config = getattr(model, "config", None)
-    post_processed = any(getattr(config, key, None) for key in ("final_logit_softcapping", "logit_scale",
-                                                                 "logits_scaling"))
-    return head if isinstance(head, nn.Linear) and hasattr(model, "base_model") and not post_processed else None
-
-
 def layer_names(model: nn.Module, indices: tuple[int, ...]) -> tuple[str, ...]:
     """The names inside `model` of its decoder layers `indices` (the family's adapter knows which modules they are)."""
     if not indices:
@@ -201,6 +189,8 @@ class Student(nn.Module):
     the loss then runs inside the forward of the module DDP and FSDP wrap.
     """
 
+    takes_head_loss = True  # evaluate() hands it the chunked held-out sums as `head_loss`
+
     def __init__(self, model: nn.Module, projection: nn.Module | None = None, hidden_layers: tuple[int, ...] = ()):
         super().__init__()
         self.model = model
@@ -221,7 +211,7 @@ class Student(nn.Module):
             states = [self.projection(s) for s in states]
         if head_loss is None:
             return StudentOutput(logits=out.logits, states=states)
-        loss, parts = head_loss(out.last_hidden_state[:, logits_to_keep], output_head(self.model))
+        loss, parts = head_loss(out.last_hidden_state[:, logits_to_keep], losses.output_head(self.model))
         return StudentOutput(states=states, loss=loss, parts=parts)
 
 
@@ -265,7 +255,7 @@ def distill_loss(teacher: nn.Module, cfg, teacher_layers: tuple[int, ...], chunk
         raise ConfigError(f"distill.hidden_weight={cfg.hidden_weight} needs pairs of student and teacher layers, "
                           "and this run has none; set distill.hidden_weight=0.")
     weights = logit_loss_parts(cfg)
-    t_head = output_head(teacher)
+    t_head = losses.output_head(teacher)
     t_names = layer_names(teacher, teacher_layers)
 
     def compute(module: nn.Module, ids: torch.Tensor):
@@ -274,7 +264,7 @@ def distill_loss(teacher: nn.Module, cfg, teacher_layers: tuple[int, ...], chunk
         valid = torch.ones(labels.shape, device=ids.device)
         student_model = getattr(module, "module", module).model  # DDP keeps the Student in .module
         parts = {}
-        if chunked and weights and t_head is not None and output_head(student_model) is not None:
+        if chunked and weights and t_head is not None and losses.output_head(student_model) is not None:
             with torch.no_grad(), layer_outputs(teacher, t_names) as t_states:
                 t_out = teacher.base_model(input_ids=ids, use_cache=False)
                 t_hidden = t_out.last_hidden_state[:, keep].flatten(0, 1)  # (N, H_teacher), N = B * (S-1)
@@ -458,7 +448,8 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
                "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                "tokens": (step + 1) * cfg.global_batch_size * seq, "seconds": round(time.perf_counter() - started, 2)}
         done = step + 1 == cfg.max_steps
-        if evaluate_fn is not None and ((step + 1) % cfg.eval_every == 0 or done):
+        evaluated = evaluate_fn is not None and ((step + 1) % cfg.eval_every == 0 or done)
+        if evaluated:
             trained.eval()
             row.update(evaluate_fn(trained))
             trained.train()
@@ -471,9 +462,12 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
         if is_rank_zero():
             with metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-        if (step + 1) % cfg.save_every == 0 or done:
+        saved = (step + 1) % cfg.save_every == 0 or done
+        if saved:
             save_checkpoint(ckpt_dir, step + 1, trained, optimizer, scheduler, {"fingerprint": fingerprint},
                             keep=cfg.keep_checkpoints)
+        if device.type == "cpu" and (evaluated or saved) and not done:
+            release_freed_cpu_memory()  # what the evaluation or checkpoint write left free; the steps do not reuse it
     trained.eval()
     del optimizer, scheduler
     if device.type == "cpu":
