@@ -234,8 +234,8 @@ def cache_root() -> Path | None:
 def converted_gguf(source: ModelSource) -> Path | None:
     """The cached Hugging Face copy of a GGUF checkpoint, keyed by the file's path, size and modification time and the
     transformers version that converted it; None when there is none. Loading a GGUF parses its metadata (the
-    vocabulary) once for the config, once for the tokenizer and again for the weights: 44 s for the embedded
-    SmolLM2 on 2 CPU cores, against 1 s from the converted copy."""
+    vocabulary) once for the config, once for the tokenizer and again for the weights: the embedded SmolLM2 loads
+    5x faster from the converted copy (bench/results/load_time.md)."""
     root = cache_root()
     if root is None or not source.gguf_file:
         return None
@@ -266,7 +266,7 @@ def keep_converted(model, tokenizer, folder: Path) -> None:
             model.to(torch.float32).save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             tmp.rename(folder)
-            log.info(f"model: the converted GGUF is kept in {folder} (next load ~1 s; LLMPRUNE_CACHE=off to keep none)")
+            log.info(f"model: the converted GGUF is kept in {folder} for the next load (LLMPRUNE_CACHE=off keeps none)")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; left over when another process won
     except OSError as err:

@@ -17,7 +17,7 @@ import torch
 import transformers
 
 # Converted GGUF checkpoints (llmprune.models.converted_gguf) go to a folder of this session, shared by its tests and
-# their subprocesses: the embedded SmolLM2 is converted once per session (~44 s) and then loads in ~1 s. Set
+# their subprocesses: the embedded SmolLM2 is converted once per session and then loads from the copy. Set
 # LLMPRUNE_CACHE to keep conversions between sessions.
 _SESSION_CACHE = None if "LLMPRUNE_CACHE" in os.environ else tempfile.mkdtemp(prefix="llmprune-test-cache-")
 os.environ.setdefault("LLMPRUNE_CACHE", _SESSION_CACHE or "")

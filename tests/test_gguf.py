@@ -256,9 +256,9 @@ def test_exported_gguf_reloads_exactly_and_prunes_again(tmp_path, bpe_tokenizer)
 
 
 def test_gguf_is_converted_once_and_loads_from_the_kept_copy_identically(tmp_path, bpe_tokenizer, monkeypatch):
-    """Parsing a GGUF's metadata dominates its load (44 s for SmolLM2), so the converted checkpoint is kept: the second
-    load reads it and gives the same logits, token ids and chat template; a damaged copy or a changed file is
-    converted again; LLMPRUNE_CACHE=off keeps nothing."""
+    """Parsing a GGUF's metadata dominates its load (5x the copy's time for SmolLM2), so the converted checkpoint is
+    kept: the second load reads it and gives the same logits, token ids and chat template; a damaged copy or a
+    changed file is converted again; LLMPRUNE_CACHE=off keeps nothing."""
     from llmprune.models import converted_gguf, load_model, resolve_source
 
     path = tmp_path / "model.gguf"
