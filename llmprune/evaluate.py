@@ -101,11 +101,13 @@ def _by_output_layer(model, teacher, ids: torch.Tensor, mask: torch.Tensor | Non
         if t_head is None:
             return None
         t_out = teacher.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
-        t = (t_out.last_hidden_state[:, :-1].flatten(0, 1), t_head)  # (N, H_teacher)
+        t = (t_out.last_hidden_state[:, :-1].flatten(0, 1).to(t_head.weight.dtype), t_head)  # (N, H_teacher)
 
     def head_loss(hidden: torch.Tensor, output_layer) -> tuple[torch.Tensor, dict]:
-        return chunked_head_loss(hidden.flatten(0, 1), output_layer, chunk_sums, teacher=t,
-                                 budgets=(HEAD_CHUNK_BYTES, HEAD_CHUNK_BYTES))
+        # in the output layer's dtype, as the models' own forward casts it (Mamba2 keeps its residual stream in
+        # float32 under bfloat16 weights)
+        return chunked_head_loss(hidden.flatten(0, 1).to(output_layer.weight.dtype), output_layer, chunk_sums,
+                                 teacher=t, budgets=(HEAD_CHUNK_BYTES, HEAD_CHUNK_BYTES))
 
     keep = predicting_positions(ids)
     if takes_head_loss:

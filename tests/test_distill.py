@@ -373,6 +373,19 @@ def test_evaluate_by_output_layer_chunks_equals_whole_logits(monkeypatch):
     assert whole["kl_to_teacher"] > 0.01
 
 
+def test_evaluate_by_output_layer_in_the_heads_dtype(monkeypatch):
+    """Mamba2 keeps its residual stream in float32 under bfloat16 weights and casts it for the output layer; the
+    chunked evaluation does the same and scores what the model's own forward scores."""
+    from llmprune import evaluate as evaluation
+
+    model = tiny_ssm_model("mamba2").to(torch.bfloat16)
+    batches = to_batches(tiny_batch(2, 16), 2)
+    chunked = evaluate(model, batches, teacher=model)
+    monkeypatch.setattr(evaluation, "output_head", lambda model: None)
+    whole = evaluate(model, batches, teacher=model)
+    assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-6) and chunked["kl_to_teacher"] < 1e-6
+
+
 # -- schedule, accumulation, sample order ---------------------------------------------------------------------------
 def test_lr_factor_warmup_then_cosine_to_the_floor():
     warmup, steps, floor = 4, 14, 0.1
