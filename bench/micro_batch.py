@@ -1,0 +1,102 @@
+"""Usage: python bench/micro_batch.py [--sizes 1,4] [--rounds 2] [--steps 12] [override ...]
+
+Does the distillation micro-batch size change the speed of a step of the default recipe? The README's first
+command, `python -m llmprune recipe=smollm2_minitron`, runs in a child process (bench/_peak.py) with
+distill.max_steps=STEPS and distill.micro_batch_size=M for each M in --sizes, the sizes taking turns round after
+round, so that a change of load on the machine hits every size instead of one. Each run has its own output
+directory (nothing is resumed). A step's time is the difference of consecutive `seconds` in the run's
+distill_metrics.jsonl (`llmprune.distill.train.train` writes it after each optimizer step); the first step (page
+faults, warm-up) and the steps that end with an evaluation or a checkpoint are left out. Also recorded: each run's
+peak resident memory (the whole command) and its final training loss (equal across sizes up to float rounding:
+the global batch, and so the trajectory, is the same).
+
+Writes bench/results/micro_batch.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, md_table, write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def step_times(rows: list[dict], eval_every: int, save_every: int) -> list[float]:
+    """Seconds of each optimizer step but the first and those that end with an evaluation or a checkpoint."""
+    times = []
+    for before, row in zip(rows, rows[1:]):
+        step = row["step"]
+        if step % eval_every and step % save_every:
+            times.append(row["seconds"] - before["seconds"])
+    return times
+
+
+def run_once(micro: int, steps: int, extra: list[str], out: Path) -> dict:
+    eval_every = save_every = 10**6  # only the end of the run evaluates and saves
+    command = [sys.executable, str(ROOT / "bench" / "_peak.py"), "-m", "llmprune", "recipe=smollm2_minitron",
+               f"output_dir={out}", f"distill.max_steps={steps}", f"distill.micro_batch_size={micro}",
+               f"distill.eval_every={eval_every}", f"distill.save_every={save_every}", *extra]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"micro_batch_size={micro} failed:\n{done.stderr[-3000:]}")
+    peak_kb = next(int(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("__peak_rss_kb__"))
+    rows = [json.loads(line) for line in (out / "distill_metrics.jsonl").read_text().splitlines()]
+    times = step_times(rows, eval_every, save_every)
+    return {"micro_batch_size": micro, "wall_s": round(wall, 1), "peak_gib": round(peak_kb / 2**20, 3),
+            "step_s": [round(t, 3) for t in times], "median_step_s": round(statistics.median(times), 3),
+            "final_loss": rows[-1]["loss"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1,4", help="micro-batch sizes, comma-separated (divisors of 4)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
+    args, extra = parser.parse_known_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    load_before = machine_info()["loadavg_1_5_15"]
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="llmprune_mb_") as tmp:
+        for r in range(args.rounds):
+            for micro in sizes:
+                out = Path(tmp) / f"mb{micro}_r{r}"
+                runs.append({"round": r, **run_once(micro, args.steps, extra, out)})
+                shutil.rmtree(out, ignore_errors=True)
+                print(json.dumps(runs[-1]), flush=True)
+    rows, summary = [], {}
+    for micro in sizes:
+        mine = [run for run in runs if run["micro_batch_size"] == micro]
+        every = [t for run in mine for t in run["step_s"]]
+        summary[micro] = {"median_step_s": statistics.median(every), "min_step_s": min(every),
+                          "peak_gib": max(run["peak_gib"] for run in mine)}
+        rows.append([micro, 4 // micro, len(every), summary[micro]["median_step_s"], summary[micro]["min_step_s"],
+                     ", ".join(f"{run['median_step_s']:.2f}" for run in mine), summary[micro]["peak_gib"],
+                     ", ".join(f"{run['final_loss']:.4f}" for run in mine)])
+    base = summary[max(sizes)]["median_step_s"]
+    markdown = "\n\n".join([
+        "## Distillation step time by micro-batch size: `python -m llmprune recipe=smollm2_minitron`, global batch 4",
+        f"{args.rounds} rounds of {args.steps} steps per size, sizes in turns; step times leave out each run's first "
+        f"step (load average before: {load_before}, after: {machine_info()['loadavg_1_5_15']}).",
+        md_table(["micro-batch", "micro-batches a step", "steps timed", "median s/step", "fastest s/step",
+                  "median per run", "peak RSS (GiB)", "final training loss per run"], rows),
+        "Median step time against micro-batch " + str(max(sizes)) + ": " + ", ".join(
+            f"{m}: {summary[m]['median_step_s'] / base:.3f}x" for m in sizes) + ".",
+    ])
+    write_results("micro_batch", markdown, {"runs": runs, "summary": summary, "steps": args.steps,
+                                            "rounds": args.rounds, "overrides": extra, "load_before": load_before})
+
+
+if __name__ == "__main__":
+    main()
