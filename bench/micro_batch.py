@@ -6,9 +6,9 @@ distill.max_steps=STEPS and distill.micro_batch_size=M for each M in --sizes, th
 round, so that a change of load on the machine hits every size instead of one. Each run has its own output
 directory (nothing is resumed). A step's time is the difference of consecutive `seconds` in the run's
 distill_metrics.jsonl (`llmprune.distill.train.train` writes it after each optimizer step); the first step (page
-faults, warm-up) and the steps that end with an evaluation or a checkpoint are left out. Also recorded: each run's
-peak resident memory (the whole command) and its final training loss (equal across sizes up to float rounding:
-the global batch, and so the trajectory, is the same).
+faults, warm-up) and the steps that end with an evaluation or a checkpoint (the last one does) are left out. Also
+recorded: each run's peak resident memory (the whole command) and its final training loss (equal across sizes up
+to float rounding: the global batch, and so the trajectory, is the same).
 
 Writes bench/results/micro_batch.{md,json}.
 """
@@ -32,9 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def step_times(rows: list[dict], eval_every: int, save_every: int) -> list[float]:
-    """Seconds of each optimizer step but the first and those that end with an evaluation or a checkpoint."""
+    """Seconds of each optimizer step but the first and those that end with an evaluation or a checkpoint (the
+    last step always does)."""
     times = []
-    for before, row in zip(rows, rows[1:]):
+    for before, row in zip(rows, rows[1:-1]):
         step = row["step"]
         if step % eval_every and step % save_every:
             times.append(row["seconds"] - before["seconds"])
