@@ -143,21 +143,27 @@ def _mallinfo2():
     return function
 
 
-def saved_for_backward(compute_loss, module, ids, vocab: int) -> tuple[float, float, float]:
+def saved_for_backward(compute_loss, module, ids, vocab: int, recomputed: bool) -> tuple[float, float, float]:
     """(GiB with a vocabulary-sized dimension, other GiB, compute_loss's result): the distinct storages autograd
-    keeps for backward on one batch."""
+    keeps for backward on one batch (with `recomputed`, those `llmprune.distill.recompute` does not replace by a
+    recipe, as the training step's own hooks would)."""
     import torch
+
+    from llmprune.distill import recompute
 
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     seen: dict[int, tuple[int, bool]] = {}
 
     def pack(t):
+        recipe = recompute.recipe(t) if recomputed else None
+        if recipe is not None:
+            return recipe
         storage = t.untyped_storage()
         if storage.data_ptr() not in params and storage.nbytes():
             seen[storage.data_ptr()] = (storage.nbytes(), vocab in t.shape)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, recompute.Unpacker()):
         out = compute_loss(module, ids)
     vocab_sized = sum(n for n, v in seen.values() if v) / GB
     other = sum(n for n, v in seen.values() if not v) / GB
@@ -216,7 +222,7 @@ def child(out_path: Path, overrides: list[str]) -> None:
                 return compute_loss(m, ids)
             first.append(True)
             vocab = m.module.model.config.vocab_size if hasattr(m, "module") else m.model.config.vocab_size
-            vocab_sized, other, out = saved_for_backward(compute_loss, m, ids, vocab)
+            vocab_sized, other, out = saved_for_backward(compute_loss, m, ids, vocab, cfg.recompute_products)
             info.update(saved_vocab_sized_gb=vocab_sized, saved_activations_gb=other, vocab=vocab,
                         logits_gb=ids.shape[0] * (ids.shape[1] - 1) * vocab * 4 / GB)
             return out

@@ -269,6 +269,10 @@ class DistillConfig:
         LM loss on the data.
     precision: auto (bf16 autocast where the hardware has it: CUDA, or CPUs with AMX / AVX512-BF16) | bf16 | fp32.
     gradient_checkpointing: recompute activations in backward to save memory.
+    recompute_products: keep, for backward, how to make the outputs of elementwise products and SiLU again (the
+        norms' normalised states and outputs, the gated MLP's activation and product) instead of the tensors: about
+        half of a decoder's activations (llmprune/distill/recompute.py); bitwise the same gradients, no matmul run
+        again.
     strategy: how several processes (torchrun) share the training: ddp (every process holds the whole student,
         gradients are all-reduced) | fsdp (FSDP2: parameters, gradients and AdamW state are sharded across the
         processes, one unit per decoder layer, for students whose training state does not fit one device; the
@@ -300,6 +304,7 @@ class DistillConfig:
     lm_weight: float = 0.0
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    recompute_products: bool = True
     strategy: str = "ddp"
     eval_every: int = 25
     save_every: int = 25

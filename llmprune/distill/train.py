@@ -29,6 +29,7 @@ from transformers.utils import ModelOutput
 
 from llmprune.distill import losses
 from llmprune.distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from llmprune.distill.recompute import recompute_products
 from llmprune.distributed import (
     all_reduce_sum,
     barrier,
@@ -361,7 +362,8 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
     Args:
         compute_loss: (module, input_ids) -> (loss, {part: tensor}).
         cfg: max_steps, micro_batch_size, global_batch_size, lr, min_lr_ratio, warmup_steps, weight_decay,
-            max_grad_norm, precision, strategy, eval_every, save_every, keep_checkpoints (DistillConfig).
+            max_grad_norm, precision, recompute_products, strategy, eval_every, save_every, keep_checkpoints
+            (DistillConfig).
         fingerprint: identifies the run's inputs; checkpoints with another fingerprint (a new target in the same
             output_dir, changed settings) are moved to <name>_ckpt.previous and training starts over.
         evaluate_fn: (module being trained) -> {metric: value}, called every eval_every steps and at the end, on
@@ -428,7 +430,7 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
             if fsdp:
                 trained.set_requires_gradient_sync(last)
             with wrapped.no_sync() if ddp and not last else nullcontext():
-                with autocast():
+                with autocast(), recompute_products(cfg.recompute_products):
                     loss, parts = compute_loss(wrapped, ids)
                 (loss / accum).backward()
             parts = {"loss": loss.detach(), **parts}
