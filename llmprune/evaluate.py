@@ -95,21 +95,19 @@ def _by_output_layer(model, teacher, ids: torch.Tensor, mask: torch.Tensor | Non
     head = output_head(inner.model if takes_head_loss else model)
     if head is None:
         return None
+    keep = predicting_positions(ids)
     t = None
     if teacher is not None:
         t_head = output_head(teacher)
         if t_head is None:
             return None
         t_out = teacher.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
-        t = (t_out.last_hidden_state[:, :-1].flatten(0, 1).to(t_head.weight.dtype), t_head)  # (N, H_teacher)
+        t = (t_out.last_hidden_state[:, keep].flatten(0, 1), t_head)  # (N, H_teacher)
 
     def head_loss(hidden: torch.Tensor, output_layer) -> tuple[torch.Tensor, dict]:
-        # in the output layer's dtype, as the models' own forward casts it (Mamba2 keeps its residual stream in
-        # float32 under bfloat16 weights)
-        return chunked_head_loss(hidden.flatten(0, 1).to(output_layer.weight.dtype), output_layer, chunk_sums,
-                                 teacher=t, budgets=(HEAD_CHUNK_BYTES, HEAD_CHUNK_BYTES))
+        return chunked_head_loss(hidden.flatten(0, 1), output_layer, chunk_sums, teacher=t,
+                                 budgets=(HEAD_CHUNK_BYTES, HEAD_CHUNK_BYTES))
 
-    keep = predicting_positions(ids)
     if takes_head_loss:
         return model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, head_loss=head_loss).parts
     hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, keep]

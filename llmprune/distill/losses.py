@@ -174,6 +174,11 @@ def chunked_head_loss(hidden: torch.Tensor, head: nn.Module, chunk_loss, teacher
     Returns:
         (loss, {part: value}) with the value and gradient of the unchunked computation up to float rounding.
     """
+    # in the output layers' dtype, as the models' own forward casts it (Mamba2 keeps its residual stream in float32
+    # under bfloat16 weights)
+    hidden = hidden.to(head.weight.dtype)
+    if teacher is not None:
+        teacher = (teacher[0].to(teacher[1].weight.dtype), teacher[1])
     if not torch.is_grad_enabled():  # evaluation: the chunks' losses, no gradients
         shares = []
         for rows in head_chunks(hidden.shape[0], head.weight.shape[0], budgets[1]):

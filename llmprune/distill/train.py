@@ -279,9 +279,7 @@ def distill_loss(teacher: nn.Module, cfg, teacher_layers: tuple[int, ...], chunk
                 return sum(w * v for w, v in chunk.values()), {k: v for k, (_, v) in chunk.items()}
 
             def head_loss(hidden: torch.Tensor, head: nn.Linear):
-                # in the head's dtype, as the models' own forward casts it (Mamba2's gated norm returns float32)
-                return losses.chunked_head_loss(hidden.flatten(0, 1).to(head.weight.dtype), head, chunk_loss,
-                                                (t_hidden.to(t_head.weight.dtype), t_head), budgets)
+                return losses.chunked_head_loss(hidden.flatten(0, 1), head, chunk_loss, (t_hidden, t_head), budgets)
 
             student = module(ids, logits_to_keep=keep, head_loss=head_loss)
             logit_total = student.loss
