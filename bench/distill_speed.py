@@ -31,10 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, WIDTH_TARGET, machine_info, md_table, setup, write_results  # noqa: E402
 
+from llmprune.allocator import keep_freed_memory  # noqa: E402
 from llmprune.api import prune  # noqa: E402
 from llmprune.config import DistillConfig  # noqa: E402
 from llmprune.distill import losses  # noqa: E402
-from llmprune.distill.train import Student, autocast_dtype, distill_loss, reuse_freed_cpu_memory, train  # noqa: E402
+from llmprune.distill.train import Student, autocast_dtype, distill_loss, train  # noqa: E402
 from llmprune.evaluate import predicting_positions  # noqa: E402
 
 SEQ = 256
@@ -85,7 +86,7 @@ def part_step(s, rounds: int) -> dict:
             out.append(time.perf_counter() - start)
         return out
 
-    reuse_freed_cpu_memory()  # what train() sets up on the CPU, so the parts run with the same allocator
+    keep_freed_memory()  # what train() sets up on the CPU, so the parts run with the same allocator
     student_fwd_bwd(), teacher_fwd()  # warm-up
     parts = {"student": [], "teacher": [], "step": []}
     with tempfile.TemporaryDirectory() as tmp:

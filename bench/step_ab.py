@@ -11,6 +11,7 @@ resident memory (the whole command) and its final training loss.
 
   --vary distill.micro_batch_size=1,2,4 --name micro_batch          (global batch 4: the same trajectory)
   --vary distill.recompute_products=false,true --name recompute_products
+  --vary env:LLMPRUNE_ALLOCATOR=system,jemalloc --name allocator       (an environment variable: env:NAME)
 
 Writes bench/results/NAME.{md,json} (NAME defaults to the key's last part).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -45,12 +47,17 @@ def step_times(rows: list[dict], eval_every: int, save_every: int) -> list[float
 
 
 def run_once(setting: str, steps: int, extra: list[str], out: Path) -> dict:
+    """One run with `setting`: a recipe override KEY=V, or env:NAME=V, an environment variable."""
     eval_every = save_every = 10**6  # only the end of the run evaluates and saves
+    env = dict(os.environ)
+    if setting.startswith("env:"):
+        name, _, value = setting[4:].partition("=")
+        env[name] = value
     command = [sys.executable, str(ROOT / "bench" / "_peak.py"), "-m", "llmprune", "recipe=smollm2_minitron",
                f"output_dir={out}", f"distill.max_steps={steps}", f"distill.eval_every={eval_every}",
-               f"distill.save_every={save_every}", *extra, setting]
+               f"distill.save_every={save_every}", *extra, *([] if setting.startswith("env:") else [setting])]
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{setting} failed:\n{done.stderr[-3000:]}")
@@ -64,7 +71,8 @@ def run_once(setting: str, steps: int, extra: list[str], out: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vary", required=True, help="KEY=V1,V2,...: the setting and its values, in turns")
+    parser.add_argument("--vary", required=True,
+                        help="KEY=V1,V2,... or env:NAME=V1,V2,...: the setting and its values, in turns")
     parser.add_argument("--name", help="result file name (default: the key's last part)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per run")

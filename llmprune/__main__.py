@@ -85,4 +85,7 @@ def run_header(cfg, overrides: list[str]) -> str:
 
 
 if __name__ == "__main__":
+    from llmprune.allocator import use_jemalloc
+
+    use_jemalloc()  # runs this command again with jemalloc preloaded where it is installed (LLMPRUNE_ALLOCATOR)
     sys.exit(main())

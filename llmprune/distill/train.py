@@ -10,7 +10,6 @@ RNG states are restored, so a killed run continues to the same weights as an uni
 from __future__ import annotations
 
 import copy
-import ctypes
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers.utils import ModelOutput
 
+from llmprune.allocator import keep_freed_memory, release_freed_memory
 from llmprune.distill import losses
 from llmprune.distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from llmprune.distill.recompute import recompute_products
@@ -52,32 +52,6 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-@lru_cache(maxsize=1)
-def reuse_freed_cpu_memory() -> bool:
-    """Keep freed CPU memory in the process for the next allocation (glibc only; True when it took effect).
-
-    glibc hands every freed block above 32 MB back to the OS and page-faults it in again at the next allocation, and
-    trims the top of its heap when that is free; a CPU training step frees and allocates its activations (~1 GB for
-    SmolLM2 at 4 x 256) every step, and faulting pages in again costs more than the work on them (~2 s per GB
-    measured on a 2-core virtual machine). Large blocks then come from the heap, which keeps its freed memory: the
-    process's resident size stays at the peak of the steps (`release_freed_cpu_memory` gives it back after them).
-    """
-    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters from glibc's malloc.h
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-    except (OSError, AttributeError):  # not glibc (macOS, musl): the allocator keeps its defaults
-        return False
-
-
-def release_freed_cpu_memory() -> None:
-    """Give the free parts of the CPU heap back to the OS (glibc's malloc_trim; nothing elsewhere)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -378,9 +352,9 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
     micro_batch, accum = batch_split(cfg.global_batch_size, cfg.micro_batch_size, world)
     fsdp = is_distributed() and cfg.strategy == "fsdp"
     if device.type == "cpu":
-        release_freed_cpu_memory()  # what earlier stages left free, before the steps' memory is kept
-        if reuse_freed_cpu_memory():
-            log.info(f"{name}: freed CPU memory is kept for reuse (glibc mallopt), sparing page faults every step")
+        release_freed_memory()  # what earlier stages left free, before the steps' memory is kept
+        if kept := keep_freed_memory():
+            log.info(f"{name}: freed CPU memory is kept for reuse ({kept}), sparing page faults every step")
     trained = _sharded_replica(module, shard_units) if fsdp else module
     if fsdp:
         local = sum(p.to_local().numel() for p in trained.parameters())
@@ -467,11 +441,11 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
             save_checkpoint(ckpt_dir, step + 1, trained, optimizer, scheduler, {"fingerprint": fingerprint},
                             keep=cfg.keep_checkpoints)
         if device.type == "cpu" and (evaluated or saved) and not done:
-            release_freed_cpu_memory()  # what the evaluation or checkpoint write left free; the steps do not reuse it
+            release_freed_memory()  # what the evaluation or checkpoint write left free; the steps do not reuse it
     trained.eval()
     del optimizer, scheduler
     if device.type == "cpu":
-        release_freed_cpu_memory()  # the optimizer state and what the steps kept free
+        release_freed_memory()  # the optimizer state and what the steps kept free
     if fsdp:  # whole tensors on every rank, into the unsharded module
         module.load_state_dict(get_model_state_dict(trained, options=StateDictOptions(full_state_dict=True)))
         module.to(device).eval()

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmprune.adapters.heads import CausalLMHead
+from llmprune.allocator import release_freed_memory
 from llmprune.data import Batch
-from llmprune.distill.train import release_freed_cpu_memory
 from llmprune.importance.activation import ActivationScores, _hook_block_importance, _hook_sites
 from llmprune.importance.depth import named_removal_scores
 from llmprune.progress import progress
@@ -117,7 +117,7 @@ class LayerStream:
         for module in self.adapter.layers[i].modules():
             for name in list(module._parameters):
                 _free(module, name)
-        release_freed_cpu_memory()
+        release_freed_memory()
 
     @torch.no_grad()
     def layer_inputs(self, batches: Sequence[Batch]) -> tuple[list[torch.Tensor], list[list[dict]]]:
