@@ -14,7 +14,9 @@ for backward are measured on the first micro-batch (`torch.autograd.graph.saved_
 parameters excluded), split into those with the vocabulary as last dimension (logits, log-probabilities) and the
 rest (the student's activations); "runtime" is the RSS after the imports. What the step's peak holds beyond those
 is temporaries alive at the peak plus freed memory the allocator keeps
-(`llmprune.allocator.keep_freed_memory`).
+(`llmprune.allocator.keep_freed_memory`). The child runs the pipeline in its own process, so under the system
+allocator (glibc's malloc, whose mallinfo2 the sampler reads), not the jemalloc `python -m llmprune` preloads where it
+is installed (bench/results/allocator.md compares the two).
 
 --short  distill.max_steps=10 distill.eval_every=5 distill.save_every=5 (every stage and phase at least twice;
          ~15 min on 2 loaded cores instead of ~1 h), written to bench/results/memory_default_short.{md,json}.

@@ -6,7 +6,8 @@ page in again (~2 s per GB on a 2-core virtual machine), and fragmentation, free
 sizes cannot use. glibc's malloc, told to keep what is freed (`keep_freed_memory`), grows its heap ~0.3 GiB past the
 bytes in use by the end of each forward (measured in the default recipe: heap 2.09 GiB with 1.74 GiB in use), because
 the temporaries a layer frees leave holes its next, differently sized, tensors do not fit. jemalloc serves each size
-class from its own runs, so the same steps peak 0.3 GiB lower (bench/results/allocator.md).
+class from its own runs: the default recipe's steps peak at 2.86 GiB instead of 2.97-3.02 and run 4.8% faster, with
+the same losses (bench/results/allocator.md).
 
 `python -m llmprune` therefore runs itself again with jemalloc preloaded where the library is installed
 (`apt install libjemalloc2`; `use_jemalloc`): LLMPRUNE_ALLOCATOR=auto (that), jemalloc (required: an error where
