@@ -33,7 +33,8 @@ if ! python -c "import sys; from llmprune.allocator import find_jemalloc; sys.ex
   elif [ "$what" = test ]; then
     echo "install.sh: the tests need jemalloc: install libjemalloc2 (apt install libjemalloc2, as root)" >&2; exit 1
   else
-    echo "install.sh: note: without libjemalloc2 (apt install libjemalloc2) training runs on glibc's malloc (~0.15 GiB more memory, 5% slower steps)" >&2
+    echo "install.sh: note: without libjemalloc2 (apt install libjemalloc2, as root) training runs on glibc's" \
+      "malloc: ~0.15 GiB more memory, 5% slower steps" >&2
   fi
 fi
 # the test suite's real encoder (MiniLM-L6, a sentence-transformers directory); its one dependency comes with [encoder]
