@@ -70,19 +70,23 @@ def test_recomputed_products_give_bitwise_the_same_loss_and_gradients(family, au
         assert torch.equal(grads[name], grads_r[name]), name
 
 
-def kept_bytes(model, ids, on: bool) -> int:
-    """Bytes of the distinct non-parameter storages autograd keeps for backward."""
+def kept_bytes(model, ids, on: bool, autocast: torch.dtype | None = None) -> int:
+    """Bytes of the distinct storages autograd keeps for backward, other than parameters and autocast's cached copies
+    of them."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept = {}
 
     def pack(t):
         r = recompute.recipe(t) if on else None
-        if r is None and t.untyped_storage().data_ptr() not in params:
+        weight_copy = t.grad_fn is not None and t.grad_fn.name() == "TBackward0"  # a (cast) parameter, transposed
+        if r is None and t.untyped_storage().data_ptr() not in params and not weight_copy:
             kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return r or t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, recompute.Unpacker()):
-        model(input_ids=ids).logits.sum().backward()
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        with torch.autograd.graph.saved_tensors_hooks(pack, recompute.Unpacker()):
+            loss = model(input_ids=ids).logits.float().sum()
+    loss.backward()
     return sum(kept.values())
 
 
@@ -96,6 +100,18 @@ def test_a_decoder_keeps_half_its_activations_fewer():
     recomputed = 4 * (4 * 72 + 2 * 160) * tokens * layers  # float32
     assert plain - lean >= recomputed, (plain, lean, recomputed)
     assert lean < 0.6 * plain, (plain, lean)
+
+
+def test_autocast_copies_of_products_are_made_again(monkeypatch):
+    """Under bfloat16 autocast each projection casts its input itself: q, k and v three copies of the attention norm's
+    output, gate and up two of the MLP norm's, 5H bfloat16 values per token and layer that are casts of recomputed
+    products. Without the cast recipe (CAST matching nothing) they are kept."""
+    model, ids = build("llama", hidden_size=72, intermediate_size=160), tiny_batch(2, 32)
+    with_casts = kept_bytes(model, ids, True, torch.bfloat16)
+    monkeypatch.setattr(recompute, "CAST", "no such node")
+    without = kept_bytes(model, ids, True, torch.bfloat16)
+    copies = 5 * 72 * 2 * ids.numel() * model.config.num_hidden_layers
+    assert without - with_casts == copies, (without, with_casts, copies)
 
 
 def test_training_with_and_without_recomputation_is_bitwise_the_same(tmp_path):

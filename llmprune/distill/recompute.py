@@ -9,10 +9,15 @@ for the tensor the node's op runs again on the node's saved inputs. The same op 
 bits, so values and gradients are exactly those of the plain step (tests/test_recompute.py); backward does a few
 elementwise passes more, no matmul (unlike gradient checkpointing, which runs whole layers again).
 
+Under autocast, each linear layer keeps its own low-precision copy of its input: q, k and v projections three copies
+of the same norm output, the gate and up projections two (for SmolLM2's student in bfloat16, 131 MB of the 450 MB a
+step keeps). Such a copy is a cast of a recomputable product, so it is made again the same way: the product, then the
+cast, shared by the copies that backward asks for one after another.
+
 Which tensors qualify is read from the autograd graph, not from module names: a saved tensor that is (a view of) the
-whole output of a `MulBackward0` or `SiluBackward0` node whose inputs all require gradients (so the node saved both).
-The inputs are alive when backward unpacks the recipe: the node that made a tensor runs after every node that uses
-it.
+whole output of a `MulBackward0` or `SiluBackward0` node whose inputs all require gradients (so the node saved both),
+or of a cast (`ToCopyBackward0`) of such a node's output. The inputs are alive when backward unpacks the recipe: the
+node that made a tensor runs after every node that uses it.
 """
 
 from __future__ import annotations
@@ -29,11 +34,14 @@ RECOMPUTE = {
     "SiluBackward0": lambda node: F.silu(node._saved_self),
 }
 VIEWS = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"}  # reshapes of a whole contiguous tensor
+CAST = "ToCopyBackward0"  # .to(dtype or device), autocast's casts
 
 
 class Recipe(NamedTuple):
-    node: object  # the autograd node whose op made the tensor
+    node: object  # the autograd node whose op made the tensor (or the tensor it is a cast of)
     shape: torch.Size  # the saved tensor's shape (a view of the node's output)
+    dtype: torch.dtype  # the saved tensor's dtype and device: the node's output's, or a cast's
+    device: torch.device
 
 
 def _whole(t: torch.Tensor) -> bool:
@@ -49,9 +57,11 @@ def recipe(t: torch.Tensor) -> Recipe | None:
     node = t.grad_fn
     while node is not None and node.name() in VIEWS:
         node = node.next_functions[0][0]
+    if node is not None and node.name() == CAST:  # the cast's input is the whole output of the node before it
+        node = node.next_functions[0][0]
     if node is None or node.name() not in RECOMPUTE or any(fn is None for fn, _ in node.next_functions):
         return None  # a leaf, another op, or an input without gradient (then the node did not save it)
-    return Recipe(node, t.shape)
+    return Recipe(node, t.shape, t.dtype, t.device)
 
 
 def pack(t: torch.Tensor):
@@ -65,16 +75,17 @@ class Unpacker:
 
     def __init__(self, remember: int = 4):
         self.remember = remember
-        self.made: dict[int, tuple[object, torch.Tensor]] = {}  # id(node) -> (node, its output); oldest first
+        # (id(node), dtype, device) -> (node, its output so cast); oldest first
+        self.made: dict[tuple, tuple[object, torch.Tensor]] = {}
 
     def __call__(self, saved):
         if not isinstance(saved, Recipe):
             return saved
-        key = id(saved.node)
+        key = id(saved.node), saved.dtype, saved.device
         if key in self.made:
             out = self.made.pop(key)[1]
-        else:
-            out = RECOMPUTE[saved.node.name()](saved.node)
+        else:  # .to() is the tensor itself where nothing was cast
+            out = RECOMPUTE[saved.node.name()](saved.node).to(saved.device, saved.dtype)
             if len(self.made) >= self.remember:
                 del self.made[next(iter(self.made))]
         self.made[key] = (saved.node, out)  # the node with it: its id cannot be reused while remembered
