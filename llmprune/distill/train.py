@@ -354,7 +354,7 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
     if device.type == "cpu":
         release_freed_memory()  # what earlier stages left free, before the steps' memory is kept
         if kept := keep_freed_memory():
-            log.info(f"{name}: freed CPU memory is kept for reuse ({kept}), sparing page faults every step")
+            log.info(f"{name}: freed CPU memory is kept for reuse within a step ({kept}) and given back after it")
     trained = _sharded_replica(module, shard_units) if fsdp else module
     if fsdp:
         local = sum(p.to_local().numel() for p in trained.parameters())
@@ -440,8 +440,10 @@ def train(module: nn.Module, windows: torch.Tensor, compute_loss, cfg, run_dir: 
         if saved:
             save_checkpoint(ckpt_dir, step + 1, trained, optimizer, scheduler, {"fingerprint": fingerprint},
                             keep=cfg.keep_checkpoints)
-        if device.type == "cpu" and (evaluated or saved) and not done:
-            release_freed_memory()  # what the evaluation or checkpoint write left free; the steps do not reuse it
+        if device.type == "cpu" and not done:
+            # what the step left free (and the evaluation or checkpoint write): the allocator's free memory splits
+            # further every step until it is given back (allocator.py), so it is given back after each one
+            release_freed_memory()
     trained.eval()
     del optimizer, scheduler
     if device.type == "cpu":
