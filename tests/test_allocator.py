@@ -82,3 +82,30 @@ def test_freed_memory_is_kept_during_training_and_given_back_after(choice):
     assert kept_by == {"jemalloc": "jemalloc", "system": "glibc"}[choice]
     assert kept > 300, f"{kept} MB of 400 freed stayed resident"
     assert after < 100, f"{after} MB still resident after the release"
+
+
+def test_training_gives_memory_back_when_backward_reaches_the_embedding(monkeypatch, tmp_path):
+    """train() releases the allocator's free memory once per micro-batch where backward has produced every layer's
+    gradients and not yet the embedding's (the activations are free, the dense embedding gradient is next), besides
+    after each step."""
+    from types import SimpleNamespace
+
+    from conftest import tiny_batch, tiny_model
+
+    from llmprune.config import DistillConfig
+    from llmprune.distill import train as training
+
+    teacher = tiny_model("llama").requires_grad_(False)
+    student = tiny_model("llama", seed=1, hidden_size=24, intermediate_size=40).train()
+    embedding = student.get_input_embeddings()
+    layers = [p for n, p in student.named_parameters() if ".layers." in n]
+    moments = []
+    monkeypatch.setattr(training, "release_freed_memory", lambda: moments.append(
+        (all(p.grad is not None for p in layers), embedding.weight.grad is None)))
+    cfg = SimpleNamespace(**{**vars(DistillConfig()), "max_steps": 3, "micro_batch_size": 2, "global_batch_size": 2,
+                             "precision": "fp32", "eval_every": 100, "save_every": 100})
+    training.train(training.Student(student), tiny_batch(8, 16), training.distill_loss(teacher, cfg, ()), cfg,
+                          tmp_path, "distill", "fp")
+    at_embedding = [m for m in moments if m[0]]
+    assert at_embedding == [(True, True)] * cfg.max_steps, moments
+    assert len(moments) == 1 + cfg.max_steps + (cfg.max_steps - 1) + 1  # before, at each embedding, between, after
