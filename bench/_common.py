@@ -69,10 +69,20 @@ def data_info(s: Setup) -> dict:
 
 
 def machine_info() -> dict:
+    """What a number depends on besides the code: versions, cores, load, and the CPU's native bf16 (the default
+    recipe distills under bf16 autocast there and in float32 elsewhere: other memory, speed and results) and the
+    jemalloc library `python -m llmprune` would preload (llmprune/allocator.py)."""
+    import transformers
+
+    from llmprune.allocator import find_jemalloc
+    from llmprune.distill.train import cpu_has_bf16
+
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(), "loadavg_1_5_15": [round(x, 2) for x in load] if load else None,
-            "processor": platform.processor() or platform.machine()}
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "loadavg_1_5_15": [round(x, 2) for x in load] if load else None,
+            "processor": platform.processor() or platform.machine(), "cpu_bf16": cpu_has_bf16(),
+            "jemalloc": find_jemalloc()}
 
 
 def timed(fn, repeats: int, warmup: int = 1) -> dict:
@@ -119,7 +129,10 @@ def write_results(name: str, markdown: str, payload: dict) -> None:
     overrides them); print the markdown."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {**payload, "machine": machine_info(), **provenance()}
-    markdown += f"\n\n_{payload['command']} at commit {str(payload['commit'])[:10]}_"
+    m = payload["machine"]
+    markdown += (f"\n\n_{payload['command']} at commit {str(payload['commit'])[:10]}; {m['cpus']} CPUs, native bf16: "
+                 f"{'yes' if m['cpu_bf16'] else 'no'}, jemalloc: {'yes' if m['jemalloc'] else 'no'}, torch "
+                 f"{m['torch']}, transformers {m['transformers']}_")
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     (RESULTS / f"{name}.md").write_text(markdown + "\n", encoding="utf-8")
     print(markdown)
