@@ -7,9 +7,14 @@ sizes cannot use. glibc's malloc, told to keep what is freed (`keep_freed_memory
 bytes in use by the end of each forward (measured in the default recipe: heap 2.09 GiB with 1.74 GiB in use), because
 the temporaries a layer frees leave holes its next, differently sized, tensors do not fit. jemalloc serves each size
 class from its own runs: the default recipe's steps peak at 2.86 GiB instead of 2.97-3.02 and run 4.8% faster, with
-the same losses (bench/results/allocator.md).
+the same losses (bench/results/allocator.md, float32). But jemalloc joins adjacent freed extents only when it gives
+them back, so memory kept free splits into ever smaller pieces that large requests do not fit: under bf16 autocast,
+whose tensors come in more sizes, the default recipe's resident memory grew 0.35 GiB a step (4.9 GiB after 8 steps).
+Training therefore gives the free memory back once a step, when backward reaches the input embedding (the
+activations are free, the embedding's large gradient is next) and after the step (`llmprune.distill.train`): the
+steps still reuse what they free within them, and the peak stays bounded (bench/results/release_every_step_*.md).
 
-`python -m llmprune` therefore runs itself again with jemalloc preloaded where the library is installed
+`python -m llmprune` runs itself again with jemalloc preloaded where the library is installed
 (`apt install libjemalloc2`; `use_jemalloc`): LLMPRUNE_ALLOCATOR=auto (that), jemalloc (required: an error where
 it is missing) or system (glibc's malloc as it is). LLMPRUNE_JEMALLOC names the library file where it is not in a
 standard place. The allocator changes where tensors live, not what is computed.
