@@ -88,7 +88,7 @@ def check_lm_eval(lm_eval_cfg) -> None:
     try:
         import lm_eval  # noqa: F401
     except ImportError as err:
-        raise ConfigError("eval.lm_eval.tasks needs the lm-evaluation-harness: pip install 'llmprune[lm_eval]' "
+        raise ConfigError("eval.lm_eval.tasks needs the lm-evaluation-harness: pip install 'llmprune[lm-eval]' "
                           f"(or set eval.lm_eval.tasks=[]). ({err})") from None
     include = lm_eval_cfg.include_path  # a folder: validate() checked it
     others = [t for t in lm_eval_cfg.tasks if t != HELDOUT_TASK]

@@ -317,7 +317,7 @@ class DistillConfig:
 @dataclass
 class LMEvalConfig:
     """lm-evaluation-harness tasks run in-process on the teacher, the pruned and the final model (pip install
-    'llmprune[lm_eval]'); their scores go to report.md / report.json and the model card.
+    'llmprune[lm-eval]'); their scores go to report.md / report.json and the model card.
 
     tasks: task names, e.g. [llmprune_heldout] (built from this run's held-out text: pick the true continuation of a
         passage among 4; offline), lm_eval's own tasks (their data comes from the Hub) or tasks in include_path.
