@@ -10,9 +10,10 @@ class from its own runs: the default recipe's steps peak at 2.86 GiB instead of 
 the same losses (bench/results/allocator.md, float32). But jemalloc joins adjacent freed extents only when it gives
 them back, so memory kept free splits into ever smaller pieces that large requests do not fit: under bf16 autocast,
 whose tensors come in more sizes, the default recipe's resident memory grew 0.35 GiB a step (4.9 GiB after 8 steps).
-Training therefore gives the free memory back once a step, when backward reaches the input embedding (the
+Training therefore gives the free memory back twice a step, when backward reaches the input embedding (the
 activations are free, the embedding's large gradient is next) and after the step (`llmprune.distill.train`): the
-steps still reuse what they free within them, and the peak stays bounded (bench/results/release_every_step_*.md).
+steps still reuse what they free within them, and the peak stays bounded (bench/results/release_every_step_*.md,
+release_at_embedding_*.md).
 
 `python -m llmprune` runs itself again with jemalloc preloaded where the library is installed
 (`apt install libjemalloc2`; `use_jemalloc`): LLMPRUNE_ALLOCATOR=auto (that), jemalloc (required: an error where

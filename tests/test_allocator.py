@@ -104,8 +104,8 @@ def test_training_gives_memory_back_when_backward_reaches_the_embedding(monkeypa
         (all(p.grad is not None for p in layers), embedding.weight.grad is None)))
     cfg = SimpleNamespace(**{**vars(DistillConfig()), "max_steps": 3, "micro_batch_size": 2, "global_batch_size": 2,
                              "precision": "fp32", "eval_every": 100, "save_every": 100})
-    training.train(training.Student(student), tiny_batch(8, 16), training.distill_loss(teacher, cfg, ()), cfg,
-                          tmp_path, "distill", "fp")
+    loss = training.distill_loss(teacher, cfg, ())
+    training.train(training.Student(student), tiny_batch(8, 16), loss, cfg, tmp_path, "distill", "fp")
     at_embedding = [m for m in moments if m[0]]
     assert at_embedding == [(True, True)] * cfg.max_steps, moments
     assert len(moments) == 1 + cfg.max_steps + (cfg.max_steps - 1) + 1  # before, at each embedding, between, after
